@@ -1,0 +1,111 @@
+"""Reproduces the README's "why not higher / torchopt" facts, side by side with metafunc.
+
+Run: ``pip install higher torchopt && python benchmarks/peer_facts.py``. Peers that are not
+installed are skipped. Nothing here is part of the test suite (the peers are not dependencies).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import metafunc
+
+warnings.filterwarnings("ignore")
+
+
+def _zero_entry_unroll(update_fn):
+    """Meta-gradient d(sum w_2)/d w_0 through 2 Adam steps where w's first gradient entry is 0."""
+    w = torch.tensor([0.0, 1.0], requires_grad=True)
+    mask = torch.tensor([0.0, 1.0])
+    p = w
+    state = None
+    for _ in range(2):
+        (g,) = torch.autograd.grad((mask * p**2).sum(), [p], create_graph=True)
+        p, state = update_fn(p, g, state)
+    return torch.autograd.grad(p.sum(), w)[0]
+
+
+def metafunc_facts() -> None:
+    opt = metafunc.optim.adam(lr=0.1)
+
+    def step(p, g, state):
+        state = opt.init({"w": p}) if state is None else state
+        u, state = opt.update({"w": g}, state, {"w": p})
+        return metafunc.apply_updates({"w": p}, u)["w"], state
+
+    print("metafunc.optim.adam, zero-gradient entry: meta-grad =", _zero_entry_unroll(step))
+
+
+def torchopt_facts() -> None:
+    try:
+        import torchopt
+    except ImportError:
+        print("torchopt not installed: skipped")
+        return
+    opt = torchopt.adam(lr=0.1)
+
+    def step(p, g, state):
+        state = opt.init((p,)) if state is None else state
+        u, state = opt.update((g,), state, params=(p,), inplace=False)
+        return torchopt.apply_updates((p,), u, inplace=False)[0], state
+
+    version = torchopt.__version__
+    print(f"torchopt {version} adam, zero-gradient entry: meta-grad =", _zero_entry_unroll(step))
+
+
+def higher_facts() -> None:
+    try:
+        import higher
+    except ImportError:
+        print("higher not installed: skipped")
+        return
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    with higher.innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1)) as (fnet, diffopt):
+        diffopt.step(((fnet(x) - y) ** 2).mean())
+        ((fnet(x) - y) ** 2).mean().backward()
+    print(
+        "higher 0.2.1 innerloop_ctx defaults: net.weight.grad after meta-backward =",
+        net.weight.grad,
+    )
+
+    torch.manual_seed(0)
+    net, ref = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    ref.load_state_dict(net.state_dict())
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    inner = torch.optim.Adam(net.parameters(), lr=0.1, eps=1e-3)
+    oracle = torch.optim.Adam(ref.parameters(), lr=0.1, eps=1e-3)
+    with higher.innerloop_ctx(net, inner) as (fnet, diffopt):
+        for _ in range(20):
+            diffopt.step(((fnet(x) - y) ** 2).mean())
+            oracle.zero_grad()
+            ((ref(x) - y) ** 2).mean().backward()
+            oracle.step()
+        drift = (next(iter(fnet.parameters())) - ref.weight).abs().max().item()
+    print(f"higher 0.2.1 Adam vs torch.optim.Adam, 20 steps, eps=1e-3: max |diff| = {drift:.2e}")
+
+    opt = metafunc.optim.adam(lr=0.1, eps=1e-3)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(3, 1)
+    fm = metafunc.functionalize(ref)
+    params = {k: v.detach().clone() for k, v in fm.params.items()}
+    state = opt.init(params)
+    oracle = torch.optim.Adam(ref.parameters(), lr=0.1, eps=1e-3)
+    for _ in range(20):
+        grads = torch.func.grad(lambda p: ((fm(p, x) - y) ** 2).mean())(params)
+        u, state = opt.update(grads, state, params)
+        params = metafunc.apply_updates(params, u)
+        oracle.zero_grad()
+        ((ref(x) - y) ** 2).mean().backward()
+        oracle.step()
+    drift = (params["weight"] - ref.weight).abs().max().item()
+    print(f"metafunc.optim.adam vs torch.optim.Adam, same run: max |diff| = {drift:.2e}")
+
+
+if __name__ == "__main__":
+    metafunc_facts()
+    torchopt_facts()
+    higher_facts()

@@ -1,0 +1,331 @@
+"""``functionalize``: a ``torch.nn.Module`` turned once into a pure function of its params."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._tree import close_matches
+from ._typing import Buffers, Params
+
+__all__ = ["FunctionalModel", "functionalize"]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = cast(nn.Module, module.module)
+        elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            module = cast(nn.Module, module._orig_mod)
+        else:
+            return module
+
+
+def _meta_skeleton(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose params and buffers live on the meta device (no data)."""
+    memo: dict[int, Any] = {}
+    tensors: list[tuple[str, torch.Tensor]] = list(module.named_parameters(remove_duplicate=False))
+    tensors += list(module.named_buffers(remove_duplicate=False))
+    for _, t in tensors:
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        if isinstance(t, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
+    return copy.deepcopy(module, memo)
+
+
+def _aliases(named) -> dict[str, str]:
+    """Maps every secondary name of a shared tensor to its first (canonical) name."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, t in named:
+        if id(t) in first:
+            alias[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return alias
+
+
+class FunctionalModel:
+    """A module as a pure function of ``(params, buffers, inputs)``; see :func:`functionalize`.
+
+    Attributes:
+        params: the trainable parameters (``requires_grad=True`` in the module), keyed by the
+            module's own names. These are the module's own tensors, not copies: a meta-gradient
+            computed from them lands in ``module.parameters()``' ``.grad``, where a ``torch.optim``
+            outer optimizer finds it.
+        frozen: parameters with ``requires_grad=False``. Every call uses them; they are not
+            trained and get no gradient. Passing one in ``params`` overrides it for that call.
+        buffers: all buffers (running statistics, non-persistent buffers included).
+        trainable: ``{name: bool}`` for every parameter, trainable or frozen.
+        tied: ``{alias: name}`` for weights shared between modules; only ``name`` is a key of
+            ``params``, and the value passed there is used in both places.
+        training: whether the model runs in training mode (see :meth:`train`).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        named_params = list(module.named_parameters(remove_duplicate=False))
+        named_buffers = list(module.named_buffers(remove_duplicate=False))
+        self.tied: dict[str, str] = _aliases(named_params + named_buffers)
+        self.params: Params = {
+            k: p for k, p in named_params if k not in self.tied and p.requires_grad
+        }
+        self.frozen: Params = {
+            k: p for k, p in named_params if k not in self.tied and not p.requires_grad
+        }
+        self.buffers: Buffers = {k: b for k, b in named_buffers if k not in self.tied}
+        self.trainable: dict[str, bool] = {
+            k: p.requires_grad for k, p in named_params if k not in self.tied
+        }
+        self._shapes = {k: t.shape for k, t in [*self.params.items(), *self.frozen.items()]}
+        self._shapes.update({k: b.shape for k, b in self.buffers.items()})
+        self._skeleton = _meta_skeleton(module)
+        self.training = module.training
+        # A tensor shared by two modules must be passed under both names. A module registered
+        # under two names (``self.a = self.b = lin``) needs nothing: setting one name sets both.
+        # Tying explicitly (and calling functional_call with tie_weights=False) also avoids
+        # torch's restore bug for shared submodules, which left transform wrappers in the skeleton.
+        self._alias_pairs = [
+            (alias, name)
+            for alias, name in self.tied.items()
+            if _owner(self._skeleton, alias) != _owner(self._skeleton, name)
+        ]
+
+    # ----------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.params.values())
+        return (
+            f"FunctionalModel({type(self._skeleton).__name__}, params={len(self.params)} tensors "
+            f"({n} values), frozen={len(self.frozen)}, buffers={len(self.buffers)}, "
+            f"training={self.training})"
+        )
+
+    def _check_params(self, call: str, params: Any) -> None:
+        if not isinstance(params, Mapping):
+            hint = ""
+            if isinstance(params, (list, tuple)) or hasattr(params, "__next__"):
+                hint = (
+                    " Did you pass model.parameters()? Use fm.params, or "
+                    "dict(model.named_parameters())."
+                )
+            raise TypeError(
+                f"{call}: expected params to be a dict of tensors keyed by parameter name (as in "
+                f"fm.params), got {type(params).__name__}.{hint}"
+            )
+        if params.keys() != self.params.keys():
+            missing = [k for k in self.params if k not in params]
+            unknown = [k for k in params if k not in self.params and k not in self.frozen]
+            if missing or unknown:
+                parts = []
+                if missing:
+                    parts.append(f"missing key(s) {missing}")
+                for k in unknown:
+                    if k in self.tied:
+                        parts.append(
+                            f"key {k!r} is tied to {self.tied[k]!r}: pass {self.tied[k]!r} only"
+                        )
+                    else:
+                        parts.append(
+                            f"unknown key {k!r}{close_matches(k, [*self.params, *self.frozen])}"
+                        )
+                raise ValueError(
+                    f"{call}: params do not match the model: {'; '.join(parts)}. Expected the "
+                    f"keys of fm.params: {sorted(self.params)}."
+                )
+        self._check_values(call, "params", params)
+
+    def _check_values(self, call: str, what: str, tensors: Mapping[str, Any]) -> None:
+        for k, v in tensors.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(
+                    f"{call}: expected {what}[{k!r}] to be a torch.Tensor, got {type(v).__name__}."
+                )
+            if v.shape != self._shapes[k]:
+                raise ValueError(
+                    f"{call}: expected {what}[{k!r}] to have shape {tuple(self._shapes[k])}, got "
+                    f"{tuple(v.shape)}. Under torch.func.vmap, give the per-task shape "
+                    f"(in_dims maps the batch dimension away)."
+                )
+
+    def _check_buffers(self, call: str, buffers: Any) -> None:
+        if not isinstance(buffers, Mapping):
+            raise TypeError(
+                f"{call}: expected buffers to be a dict of tensors keyed by buffer name (as in "
+                f"fm.buffers), got {type(buffers).__name__}."
+            )
+        if buffers.keys() != self.buffers.keys():
+            missing = [k for k in self.buffers if k not in buffers]
+            unknown = [k for k in buffers if k not in self.buffers]
+            parts = [f"missing key(s) {missing}"] if missing else []
+            parts += [f"unknown key {k!r}{close_matches(k, self.buffers)}" for k in unknown]
+            raise ValueError(
+                f"{call}: buffers do not match the model: {'; '.join(parts)}. Expected the keys "
+                f"of fm.buffers: {sorted(self.buffers)}."
+            )
+        self._check_values(call, "buffers", buffers)
+
+    # ----------------------------------------------------------------------------------------
+    def apply(
+        self, params: Params, buffers: Buffers, /, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Buffers]:
+        """Runs the model and returns ``(output, new_buffers)``; nothing passed in is modified.
+
+        Buffers that the forward pass updates (BatchNorm running statistics in training mode) are
+        returned as new tensors; the tensors in ``buffers`` keep their values and versions.
+
+        Example:
+            >>> import torch, metafunc
+            >>> fm = metafunc.functionalize(torch.nn.BatchNorm1d(2))
+            >>> out, new = fm.apply(fm.params, fm.buffers, torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+            >>> new["running_mean"], fm.buffers["running_mean"]
+            (tensor([0.1000, 0.2000]), tensor([0., 0.]))
+        """
+        self._check_params("FunctionalModel.apply(params, buffers, ...)", params)
+        self._check_buffers("FunctionalModel.apply(params, buffers, ...)", buffers)
+        new_buffers = {k: b.clone() for k, b in buffers.items()}
+        out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
+        return out, new_buffers
+
+    def _call(self, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        for alias, name in self._alias_pairs:
+            tensors[alias] = tensors[name]
+        return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
+
+    def __call__(self, params: Params, /, *args: Any, **kwargs: Any) -> Any:
+        """Runs the model with ``params`` and the stored buffers; returns the output only.
+
+        Buffer updates made by the forward pass (BatchNorm statistics) are discarded; use
+        :meth:`apply` to keep them.
+        """
+        call = "FunctionalModel(params, ...)"
+        self._check_params(call, params)
+        if self.buffers:
+            return self.apply(params, self.buffers, *args, **kwargs)[0]
+        return self._call({**self.frozen, **params}, args, kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FunctionalModel:
+        """A new FunctionalModel (sharing params and buffers) whose every submodule is in
+        training mode ``mode``; this one is unchanged."""
+        if not isinstance(mode, bool):
+            raise TypeError(
+                f"FunctionalModel.train(mode): expected a bool, got {type(mode).__name__}."
+            )
+        new = copy.copy(self)
+        new._skeleton = copy.deepcopy(self._skeleton).train(mode)
+        new.training = mode
+        return new
+
+    def eval(self) -> FunctionalModel:
+        """``self.train(False)``."""
+        return self.train(False)
+
+    def _all_tensors(self, params: Params | None, buffers: Buffers | None, call: str):
+        params = self.params if params is None else params
+        buffers = self.buffers if buffers is None else buffers
+        self._check_params(call, params)
+        self._check_buffers(call, buffers)
+        return {**self.frozen, **params}, buffers
+
+    def to_module(self, params: Params | None = None, buffers: Buffers | None = None) -> nn.Module:
+        """A new ``nn.Module`` holding detached copies of ``params`` (default ``self.params``),
+        the frozen params and ``buffers`` (default ``self.buffers``).
+
+        The round trip is exact: tied weights are one Parameter again, frozen params keep
+        ``requires_grad=False``, non-persistent buffers stay non-persistent, and values, dtypes and
+        devices are those of the tensors given.
+        """
+        all_params, buffers = self._all_tensors(params, buffers, "FunctionalModel.to_module")
+        module = copy.deepcopy(self._skeleton)
+        made: dict[str, Any] = {}
+        for name, value in all_params.items():
+            made[name] = nn.Parameter(value.detach().clone(), requires_grad=self.trainable[name])
+            owner, leaf = _owner(module, name)
+            owner._parameters[leaf] = made[name]
+        for name, value in buffers.items():
+            made[name] = value.detach().clone()
+            owner, leaf = _owner(module, name)
+            owner._buffers[leaf] = made[name]
+        for alias, name in self.tied.items():
+            owner, leaf = _owner(module, alias)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = made[name]
+            else:
+                owner._buffers[leaf] = made[name]
+        return module
+
+    def load_into(
+        self, module: nn.Module, params: Params | None = None, buffers: Buffers | None = None
+    ) -> None:
+        """Copies ``params``/``buffers`` (default: this model's) into ``module``'s own tensors, in
+        place and without recording gradients. ``module`` must have this model's names and shapes.
+        """
+        call = "FunctionalModel.load_into(module, ...)"
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{call}: expected an nn.Module, got {type(module).__name__}.")
+        all_params, buffers = self._all_tensors(params, buffers, call)
+        module = _unwrap(module)
+        own: dict[str, torch.Tensor] = dict(module.named_parameters())
+        own.update(dict(module.named_buffers()))
+        names = set(all_params) | set(buffers)
+        if set(own) != names:
+            raise ValueError(
+                f"{call}: the module's parameter and buffer names differ from this model's: "
+                f"missing {sorted(names - set(own))}, unknown {sorted(set(own) - names)}. Load "
+                f"into a module of the same architecture."
+            )
+        pairs = [*all_params.items(), *buffers.items()]
+        for name, value in pairs:  # check everything before writing anything
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"{call}: {name!r} has shape {tuple(own[name].shape)} in the module and "
+                    f"{tuple(value.shape)} here. Nothing was loaded."
+                )
+        with torch.no_grad():
+            for name, value in pairs:
+                own[name].copy_(value)
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def functionalize(module: nn.Module) -> FunctionalModel:
+    """Converts ``module`` once into a pure :class:`FunctionalModel`.
+
+    The returned model's ``params`` are the module's own trainable parameters (no copy), so the
+    meta-gradient of an outer loss reaches ``module.parameters()``. The module itself is not
+    modified, and the FunctionalModel keeps only a data-free skeleton of it (on the meta device).
+    ``DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped.
+
+    Example:
+        >>> import torch, metafunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> fm = metafunc.functionalize(net)
+        >>> sorted(fm.params)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+        >>> x = torch.randn(5, 3)
+        >>> torch.equal(fm(fm.params, x), net(x))
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"functionalize(module): expected a torch.nn.Module, got {type(module).__name__}. "
+            f"Pass the model instance, e.g. functionalize(MyNet())."
+        )
+    module = _unwrap(module)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if nn.parameter.is_lazy(t):
+            raise ValueError(
+                f"functionalize(module): {name!r} is an uninitialized lazy tensor. Run one "
+                f"forward pass of the module on example inputs first, then functionalize it."
+            )
+    return FunctionalModel(module)

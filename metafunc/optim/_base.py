@@ -1,0 +1,202 @@
+"""The optimizer protocol: pure ``init`` and ``update`` functions, and ways to combine them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, cast
+
+import optree
+import torch
+
+from .. import _tree
+from .._typing import OptState, Params, PyTree, Updates
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer: ``state = init(params)``; ``u, state = update(grads, state, params)``.
+
+    Neither function mutates its inputs; both are differentiable in every tensor they receive and
+    in the tensors they close over (learnable hyperparameters). Apply the updates with
+    :func:`metafunc.apply_updates`.
+    """
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+class MaskedNode(NamedTuple):
+    """Stands in for a leaf excluded by :func:`masked`: an empty node in optree and torch."""
+
+
+def _count(params: PyTree) -> torch.Tensor:
+    leaves = optree.tree_leaves(params)
+    device = leaves[0].device if leaves and isinstance(leaves[0], torch.Tensor) else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies transforms one after the other; the state is the tuple of their states.
+
+    Example:
+        >>> import torch, metafunc
+        >>> opt = metafunc.optim.chain(
+        ...     metafunc.optim.clip_by_global_norm(1.0), metafunc.optim.sgd(lr=0.1))
+        >>> params = {"w": torch.ones(2)}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+        >>> updates["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"chain(*transforms): expected GradientTransformation objects, got "
+                f"{type(t).__name__} at position {i}. Call the factory, e.g. sgd(lr=0.1), not sgd."
+            )
+
+    def init(params: Params) -> OptState:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(
+                f"chain(...).update: expected the state returned by this optimizer's init (a tuple "
+                f"of {len(transforms)} states), got {type(state).__name__}. Did you pass the state "
+                f"of another optimizer?"
+            )
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def identity() -> GradientTransformation:
+    """Leaves updates unchanged."""
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replaces every update with zeros: combined with :func:`masked`, freezes leaves."""
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        return optree.tree_map(torch.zeros_like, updates), state
+
+    return GradientTransformation(init, update)
+
+
+class MaskedState(NamedTuple):
+    inner_state: OptState
+
+
+def _apply_mask(mask: PyTree, tree: PyTree) -> PyTree:
+    return optree.tree_map(lambda m, x: x if m else MaskedNode(), mask, tree)
+
+
+def masked(
+    inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTree]
+) -> GradientTransformation:
+    """Applies ``inner`` to the leaves where ``mask`` is True; the others pass through unchanged.
+
+    ``mask`` is a pytree of Python bools with the params' structure (or a prefix of it), or a
+    function from the params to one. ``inner`` only sees, and only keeps state for, the selected
+    leaves, so integer leaves or frozen leaves may be left out this way.
+
+    Example (freeze everything but the head, as ANIL does in its inner loop):
+        >>> import torch, metafunc
+        >>> params = {"body.w": torch.ones(2), "head.w": torch.ones(2)}
+        >>> body = {k: k.startswith("body") for k in params}
+        >>> head = {k: not v for k, v in body.items()}
+        >>> opt = metafunc.optim.chain(
+        ...     metafunc.optim.masked(metafunc.optim.set_to_zero(), body),
+        ...     metafunc.optim.masked(metafunc.optim.adam(lr=0.1), head))
+        >>> updates, _ = opt.update({k: torch.ones(2) for k in params}, opt.init(params), params)
+        >>> updates["body.w"], updates["head.w"]
+        (tensor([0., 0.]), tensor([-0.1000, -0.1000]))
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(
+            f"masked(inner, mask): expected inner to be a GradientTransformation, got "
+            f"{type(inner).__name__}. Call the factory, e.g. masked(adam(lr=1e-3), mask)."
+        )
+
+    def resolve(tree):
+        m = mask(tree) if callable(mask) else mask
+        bad = [x for x in optree.tree_leaves(m) if not isinstance(x, bool)]
+        if bad:
+            raise TypeError(
+                f"masked(inner, mask): expected mask leaves to be Python bools, got "
+                f"{type(bad[0]).__name__}. Build it like {{name: name.startswith('head') for name "
+                f"in params}}."
+            )
+        return m
+
+    def init(params):
+        m = resolve(params)
+        try:
+            masked_params = _apply_mask(m, params)
+        except ValueError as e:
+            raise ValueError(
+                f"masked(inner, mask).init: the mask does not match the params' structure: {e}"
+            ) from None
+        return MaskedState(inner.init(masked_params))
+
+    def update(updates, state, params=None):
+        m = resolve(updates)
+        masked_updates = _apply_mask(m, updates)
+        masked_params = None if params is None else _apply_mask(m, params)
+        new_updates, inner_state = inner.update(masked_updates, state.inner_state, masked_params)
+        merged = optree.tree_map(
+            lambda keep, new, old: new if keep else old, m, new_updates, updates
+        )
+        return merged, MaskedState(inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Returns ``params + updates`` leaf by leaf, as new tensors (the inputs are not modified).
+
+    Each result keeps its param's dtype. Non-floating-point leaves (integer or boolean tensors,
+    e.g. ``num_batches_tracked``) are returned unchanged.
+
+    Example:
+        >>> import torch, metafunc
+        >>> metafunc.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
+    _tree.check_same("apply_updates(params, updates)", "params", params, "updates", updates)
+
+    def add(p, u):
+        if not p.is_floating_point():
+            return p
+        out = p + u
+        return out if out.dtype == p.dtype else out.to(p.dtype)
+
+    return cast(Params, optree.tree_map(add, cast(Any, params), updates))

@@ -1,0 +1,177 @@
+"""Small stateless or nearly stateless transforms that the named optimizers are chained from."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from .. import _tree
+from .._typing import Hyper, Scalar, Updates
+from . import _hyper
+from ._base import EmptyState, GradientTransformation, _count
+
+
+def _needs_params(call: str, params) -> None:
+    if params is None:
+        raise ValueError(
+            f"{call}: this transform needs the current params, got params=None. Call "
+            f"opt.update(grads, state, params)."
+        )
+
+
+def scale(step_size: Hyper) -> GradientTransformation:
+    """Multiplies updates by ``step_size`` (a number, a learnable tensor, or a per-leaf pytree)."""
+    _hyper.check("scale(step_size)", "step_size", step_size)
+
+    def init(params):
+        if _hyper.is_tree(step_size):
+            _hyper.leaves("scale.init", "step_size", step_size, params)
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        leaves, spec = optree.tree_flatten(updates)
+        ss = _hyper.leaves("scale.update", "step_size", step_size, updates)
+        out = [(u * s).to(u.dtype) for u, s in zip(leaves, ss)]
+        return optree.tree_unflatten(spec, out), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(lr: Hyper) -> GradientTransformation:
+    """Multiplies updates by ``-lr``: turns a descent direction into an additive update.
+
+    ``lr`` may be a number, a tensor that requires grad (a learnable learning rate), or a pytree
+    of tensors matching the params (per-parameter or per-element rates, as in Meta-SGD).
+    """
+    _hyper.check("scale_by_learning_rate(lr)", "lr", lr, low=0.0)
+
+    def init(params):
+        if _hyper.is_tree(lr):
+            _hyper.leaves("scale_by_learning_rate.init", "lr", lr, params)
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        if params is not None:
+            _tree.check_same("scale_by_learning_rate.update", "updates", updates, "params", params)
+        leaves, spec = optree.tree_flatten(updates)
+        lrs = _hyper.leaves("scale_by_learning_rate.update", "lr", lr, updates)
+        out = [(u * -r).to(u.dtype) for u, r in zip(leaves, lrs)]
+        return optree.tree_unflatten(spec, out), state
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
+    """Adds ``weight_decay * params`` to the updates.
+
+    Placed before an adaptive scaling it is L2 regularisation (``torch.optim.Adam(weight_decay=)``);
+    placed after it and before :func:`scale_by_learning_rate` it is decoupled weight decay
+    (``torch.optim.AdamW``).
+    """
+    _hyper.check("add_decayed_weights(weight_decay)", "weight_decay", weight_decay, low=0.0)
+
+    def init(params):
+        if _hyper.is_tree(weight_decay):
+            _hyper.leaves("add_decayed_weights.init", "weight_decay", weight_decay, params)
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        _needs_params("add_decayed_weights.update", params)
+        _tree.check_same("add_decayed_weights.update", "updates", updates, "params", params)
+        leaves, spec = optree.tree_flatten(updates)
+        wds = _hyper.leaves("add_decayed_weights.update", "weight_decay", weight_decay, updates)
+        out = [
+            (u + wd * p).to(u.dtype) for u, p, wd in zip(leaves, optree.tree_leaves(params), wds)
+        ]
+        return optree.tree_unflatten(spec, out), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
+    """Rescales updates so that their global L2 norm is at most ``max_norm``.
+
+    Follows :func:`torch.nn.utils.clip_grad_norm_`: with ``n`` the norm of all leaves together,
+    updates are multiplied by ``min(1, max_norm / (n + 1e-6))``. The norm of an all-zero update has
+    derivative 0 (not NaN) under double backward.
+    """
+    if _hyper.is_tree(max_norm):
+        raise TypeError(
+            f"clip_by_global_norm(max_norm): expected a number or a 0-d tensor, got "
+            f"{type(max_norm).__name__}. The global norm is one number for the whole tree."
+        )
+    _hyper.check("clip_by_global_norm(max_norm)", "max_norm", max_norm, low=0.0)
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        leaves, spec = optree.tree_flatten(updates)
+        if not leaves:
+            return updates, state
+        sq = sum(
+            u.to(torch.float64 if u.dtype == torch.float64 else torch.float32).pow(2).sum()
+            for u in leaves
+        )
+        total = _hyper.safe_sqrt(sq)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        out = [(u * coef).to(u.dtype) for u in leaves]
+        return optree.tree_unflatten(spec, out), state
+
+    return GradientTransformation(init, update)
+
+
+class TraceState(NamedTuple):
+    step: torch.Tensor
+    trace: Updates
+
+
+def trace(
+    momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False
+) -> GradientTransformation:
+    """Heavy-ball momentum as in ``torch.optim.SGD``.
+
+    .. math::
+        b_1 = g_1, \\quad b_t = \\mu b_{t-1} + (1 - \\tau) g_t, \\quad
+        u_t = g_t + \\mu b_t \\text{ (nesterov) or } b_t
+
+    Args:
+        momentum: the momentum factor ``mu``.
+        dampening: the dampening ``tau`` (not applied on the first step, like torch).
+        nesterov: Nesterov momentum.
+    """
+    _hyper.check("trace(momentum)", "momentum", momentum, low=0.0)
+    _hyper.check("trace(dampening)", "dampening", dampening)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"trace(nesterov): expected a bool, got {type(nesterov).__name__}.")
+    plain_dampening = not _hyper.is_tree(dampening) and not isinstance(dampening, torch.Tensor)
+
+    def init(params):
+        _tree.check_floating("trace.init", params)
+        if _hyper.is_tree(momentum):
+            _hyper.leaves("trace.init", "momentum", momentum, params)
+        return TraceState(_count(params), optree.tree_map(torch.zeros_like, params))
+
+    def update(updates, state, params=None):
+        _tree.check_same("trace.update", "updates", updates, "state.trace", state.trace)
+        leaves, spec = optree.tree_flatten(updates)
+        mus = _hyper.leaves("trace.update", "momentum", momentum, updates)
+        taus = _hyper.leaves("trace.update", "dampening", dampening, updates)
+        first = state.step == 0
+        new_trace, out = [], []
+        for g, b, mu, tau in zip(leaves, optree.tree_leaves(state.trace), mus, taus):
+            damp: float | torch.Tensor
+            if plain_dampening and tau == 0:
+                damp = 1.0
+            else:
+                damp = torch.where(first, 1.0, 1.0 - torch.as_tensor(tau, dtype=g.dtype))
+            b = (mu * b + damp * g).to(g.dtype)
+            new_trace.append(b)
+            out.append((g + mu * b).to(g.dtype) if nesterov else b)
+        return optree.tree_unflatten(spec, out), TraceState(
+            state.step + 1, optree.tree_unflatten(spec, new_trace)
+        )
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,182 @@
+"""Hyperparameters as numbers, learnable tensors and per-parameter pytrees; masking."""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from _registry import REGISTRY, hyper_value, loss_fn, with_hypers
+
+import metafunc
+import metafunc.optim as mo
+
+ALL = [pytest.param(case, id=case.name) for case in REGISTRY]
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = {
+        "w": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "b": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+    c = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in p.items()}
+    return p, c
+
+
+def _meta_loss(opt, params, coeffs, steps=3):
+    state = opt.init(params)
+    for _ in range(steps):
+        grads = torch.func.grad(loss_fn)(params, coeffs)
+        updates, state = opt.update(grads, state, params)
+        params = metafunc.apply_updates(params, updates)
+    return sum((torch.cos(v) * v).sum() for v in params.values())
+
+
+def _lr_key(case):
+    return "lr"
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_number_tensor_and_pytree_hyperparameters_agree(case):
+    params, coeffs = _problem()
+    config = case.configs[-1]
+    value = hyper_value(case, config, "lr")
+    kinds = {
+        "number": value,
+        "tensor": torch.tensor(value, dtype=torch.float64),
+        "pytree-0d": {k: torch.tensor(value, dtype=torch.float64) for k in params},
+        "pytree-elementwise": {k: torch.full_like(v, value) for k, v in params.items()},
+    }
+    losses = {
+        kind: _meta_loss(case.ours(**with_hypers(config, {"lr": h})), params, coeffs)
+        for kind, h in kinds.items()
+    }
+    for kind, loss in losses.items():
+        torch.testing.assert_close(loss, losses["number"], rtol=1e-14, atol=0, msg=kind)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_meta_gradient_wrt_learnable_tensor_matches_finite_differences(case):
+    params, coeffs = _problem(1)
+    config = case.configs[-1]
+    for key in case.learnable:
+        if config.get("nesterov") and key == "dampening":
+            continue
+        value = hyper_value(case, config, key)
+        h = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        loss = _meta_loss(case.ours(**with_hypers(config, {key: h})), params, coeffs)
+        (grad,) = torch.autograd.grad(loss, h)
+        step = 1e-6 * max(1.0, abs(value))
+
+        def at(v, key=key):
+            # a tensor value is not range-checked, so the difference may straddle 0 (weight decay)
+            v = torch.tensor(v, dtype=torch.float64)
+            return _meta_loss(case.ours(**with_hypers(config, {key: v})), params, coeffs).item()
+
+        fd = (at(value + step) - at(value - step)) / (2 * step)
+        assert grad.item() == pytest.approx(fd, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_meta_gradient_wrt_per_element_lr_matches_finite_differences(case):
+    """Meta-SGD style: one learnable learning rate per parameter entry."""
+    params, coeffs = _problem(2)
+    config = case.configs[0]
+    value = hyper_value(case, config, "lr")
+    lrs = {k: torch.full_like(v, value).requires_grad_() for k, v in params.items()}
+    loss = _meta_loss(case.ours(**with_hypers(config, {"lr": lrs})), params, coeffs)
+    grads = torch.autograd.grad(loss, list(lrs.values()))
+    step = 1e-6 * max(1.0, value)
+    for (k, lr), grad in zip(lrs.items(), grads):
+        for idx in [(0,) * lr.dim(), tuple(s - 1 for s in lr.shape)]:
+
+            def at(delta, k=k, idx=idx):
+                shifted = {n: t.detach().clone() for n, t in lrs.items()}
+                shifted[k][idx] += delta
+                opt = case.ours(**with_hypers(config, {"lr": shifted}))
+                return _meta_loss(opt, params, coeffs).item()
+
+            fd = (at(step) - at(-step)) / (2 * step)
+            assert grad[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-7), (k, idx)
+
+
+def test_meta_sgd_one_step_closed_form():
+    """theta' = theta - alpha * g(theta)  =>  dL(theta')/dalpha = -g(theta) * grad L(theta')."""
+    params, coeffs = _problem(3)
+    alpha = {
+        k: torch.rand(v.shape, dtype=torch.float64).requires_grad_() for k, v in params.items()
+    }
+    opt = mo.sgd(lr=alpha)
+    g0 = torch.func.grad(loss_fn)(params, coeffs)
+    updates, _ = opt.update(g0, opt.init(params), params)
+    adapted = metafunc.apply_updates(params, updates)
+    outer = lambda p: sum((torch.cos(v) * v).sum() for v in p.values())
+    got = torch.autograd.grad(outer(adapted), list(alpha.values()))
+    detached = {k: v.detach() for k, v in adapted.items()}
+    grad_outer = torch.func.grad(outer)(detached)
+    for k, g in zip(alpha, got):
+        torch.testing.assert_close(g, -g0[k] * grad_outer[k], rtol=1e-13, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------- masking
+def test_masked_applies_inner_to_selected_leaves_and_passes_others_through():
+    params, coeffs = _problem(4)
+    grads = torch.func.grad(loss_fn)(params, coeffs)
+    mask = {"w": True, "b": False}
+    opt = mo.masked(mo.adam(lr=0.1), mask)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    ref = mo.adam(lr=0.1)
+    ref_updates, _ = ref.update({"w": grads["w"]}, ref.init({"w": params["w"]}), {"w": params["w"]})
+    torch.testing.assert_close(updates["w"], ref_updates["w"], rtol=0, atol=0)
+    assert updates["b"] is grads["b"]
+    # the inner state holds only the selected leaf (plus the step count)
+    assert sum(t.numel() for t in optree.tree_leaves(state)) == params["w"].numel() * 2 + 1
+
+
+def test_masked_freezing_recipe_and_per_leaf_hyperparameters_on_the_subtree():
+    params, coeffs = _problem(5)
+    grads = torch.func.grad(loss_fn)(params, coeffs)
+    lr = {k: torch.tensor(0.1, dtype=torch.float64) for k in params}  # matches the full params
+    frozen = {"w": False, "b": True}
+    opt = mo.chain(
+        mo.masked(mo.set_to_zero(), frozen),
+        mo.masked(mo.sgd(lr=lr, weight_decay=0.5), {k: not v for k, v in frozen.items()}),
+    )
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert torch.equal(updates["b"], torch.zeros_like(params["b"]))
+    torch.testing.assert_close(updates["w"], -0.1 * (grads["w"] + 0.5 * params["w"]))
+
+
+def test_masked_integer_leaf_passes_through_and_apply_updates_keeps_it():
+    params = {"w": torch.ones(2), "n": torch.tensor(3)}
+    opt = mo.masked(mo.adam(lr=0.1), lambda tree: {"w": True, "n": False})
+    state = opt.init(params)
+    grads = {"w": torch.ones(2), "n": torch.tensor(0)}
+    updates, state = opt.update(grads, state, params)
+    new = metafunc.apply_updates(params, updates)
+    assert new["n"] is params["n"] and new["n"].dtype == torch.int64
+    torch.testing.assert_close(new["w"], torch.full((2,), 0.9))
+
+
+def test_masked_under_vmap_equals_loop():
+    tasks = [_problem(s) for s in range(3)]
+    mask = {"w": True, "b": False}
+
+    def adapted(p, c):
+        opt = mo.chain(
+            mo.masked(mo.adam(lr=0.1), mask), mo.masked(mo.set_to_zero(), {"w": False, "b": True})
+        )
+        state = opt.init(p)
+        for _ in range(2):
+            updates, state = opt.update(torch.func.grad(loss_fn)(p, c), state, p)
+            p = metafunc.apply_updates(p, updates)
+        return p
+
+    stack = lambda trees: optree.tree_map(lambda *x: torch.stack(x), *trees)
+    out = torch.func.vmap(adapted)(stack([t[0] for t in tasks]), stack([t[1] for t in tasks]))
+    for i, (p, c) in enumerate(tasks):
+        ref = adapted(p, c)
+        for k in ref:
+            torch.testing.assert_close(out[k][i], ref[k], rtol=1e-14, atol=1e-15)
+        assert torch.equal(ref["b"], p["b"])
