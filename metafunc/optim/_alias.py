@@ -105,11 +105,12 @@ def adam(
 
     Example:
         >>> import torch, metafunc
-        >>> opt = metafunc.optim.adam(lr=torch.tensor(0.1, requires_grad=True))
+        >>> lr = torch.tensor(0.1, requires_grad=True)  # a learnable learning rate
+        >>> opt = metafunc.optim.adam(lr=lr)
         >>> params = {"w": torch.tensor([1.0])}
         >>> updates, state = opt.update({"w": torch.tensor([3.0])}, opt.init(params), params)
-        >>> updates["w"]
-        tensor([-0.1000], grad_fn=<ToCopyBackward0>)
+        >>> updates["w"].detach(), torch.autograd.grad(updates["w"].sum(), lr)
+        (tensor([-0.1000]), (tensor(-1.0000),))
     """
     wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
     return _build(
