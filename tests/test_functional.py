@@ -1261,3 +1261,20 @@ def test_random_mlp_matches_module(device, in_features, hidden, out_features, de
     # Other params: same as the module holding them.
     params = {k: randn(gen, *v.shape, device=device) for k, v in fm.params.items()}
     assert_close(fm(params, x), fm.to_module(params)(x))
+
+
+def test_distributed_data_parallel_is_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        net = nn.Linear(3, 2).to(DTYPE)
+        ddp = nn.parallel.DistributedDataParallel(net)
+        fm = functionalize(ddp)
+        assert sorted(fm.params) == ["bias", "weight"]
+        assert fm.params["weight"] is net.weight
+        x = torch.randn(4, 3, dtype=DTYPE)
+        assert_close(fm(fm.params, x), net(x))
+    finally:
+        dist.destroy_process_group()

@@ -100,3 +100,25 @@ def test_asgd_average_matches_torch_ax():
         torch_opt.step()
     ax = torch_opt.state[theirs["p0"]]["ax"]
     torch.testing.assert_close(ours_run[-1][2][-1].ax["p0"], ax, rtol=1e-10, atol=1e-12)
+
+
+IMPLEMENTATION_FLAGS = {"foreach", "fused", "capturable", "differentiable", "params"}
+
+
+@pytest.mark.parametrize("case", REGISTRY, ids=repr)
+def test_same_hyperparameter_names_and_defaults_as_torch_optim(case):
+    import inspect
+
+    ours = inspect.signature(case.ours).parameters
+    theirs = {
+        k: v
+        for k, v in inspect.signature(case.theirs.__init__).parameters.items()
+        if k not in IMPLEMENTATION_FLAGS and k != "self"
+    }
+    assert set(ours) == set(theirs)
+    for name, param in theirs.items():
+        ours_default, theirs_default = ours[name].default, param.default
+        if isinstance(theirs_default, tuple):
+            assert tuple(map(float, ours_default)) == tuple(map(float, theirs_default)), name
+        else:
+            assert ours_default == theirs_default, name
