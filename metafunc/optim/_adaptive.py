@@ -35,11 +35,17 @@ def _betas(call: str, betas: Sequence[Hyper]) -> tuple[Hyper, Hyper]:
     return b1, b2
 
 
-def _check_init(call: str, params, **hypers) -> None:
-    _tree.check_floating(call, params)
+def _check_init(call: str, params, hypers: dict[str, Hyper]) -> None:
+    """Validates params and, for per-parameter hyperparameters, their match with the params."""
+    _tree.check_floating(f"{call}.init", params)
     for name, value in hypers.items():
         if _hyper.is_tree(value):
-            _hyper.leaves(call, name, value, params)
+            _hyper.leaves(f"{call}.init", name, value, params)
+
+
+def _per_leaf(call: str, hypers: dict[str, Hyper], updates) -> list[list]:
+    """Each hyperparameter's per-leaf values, in the order of ``hypers``."""
+    return [_hyper.leaves(call, name, value, updates) for name, value in hypers.items()]
 
 
 def _step(count: torch.Tensor) -> torch.Tensor:
@@ -79,9 +85,10 @@ def scale_by_adam(
     call = "scale_by_adam"
     b1, b2 = _betas(call, betas)
     _hyper.check(call, "eps", eps, low=0.0)
+    hypers = {"betas[0]": b1, "betas[1]": b2, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, **{"betas[0]": b1, "betas[1]": b2, "eps": eps})
+        _check_init(call, params, hypers)
         return ScaleByAdamState(
             _count(params), _zeros(params), _zeros(params), _zeros(params) if amsgrad else ()
         )
@@ -90,9 +97,7 @@ def scale_by_adam(
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        b1s = _hyper.leaves(call, "betas[0]", b1, updates)
-        b2s = _hyper.leaves(call, "betas[1]", b2, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        b1s, b2s, epss = _per_leaf(call, hypers, updates)
         vmaxs = optree.tree_leaves(state.nu_max) if amsgrad else [None] * len(leaves)
         mus, nus, maxs, out = [], [], [], []
         for g, m, v, vmax, c1, c2, e in zip(
@@ -142,18 +147,17 @@ def scale_by_adamax(
     call = "scale_by_adamax"
     b1, b2 = _betas(call, betas)
     _hyper.check(call, "eps", eps, low=0.0)
+    hypers = {"betas[0]": b1, "betas[1]": b2, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, **{"betas[0]": b1, "betas[1]": b2, "eps": eps})
+        _check_init(call, params, hypers)
         return ScaleByAdamaxState(_count(params), _zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        b1s = _hyper.leaves(call, "betas[0]", b1, updates)
-        b2s = _hyper.leaves(call, "betas[1]", b2, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        b1s, b2s, epss = _per_leaf(call, hypers, updates)
         mus, us, out = [], [], []
         for g, m, u, c1, c2, e in zip(
             leaves, optree.tree_leaves(state.mu), optree.tree_leaves(state.u_inf), b1s, b2s, epss
@@ -194,13 +198,10 @@ def scale_by_nadam(
     b1, b2 = _betas(call, betas)
     _hyper.check(call, "eps", eps, low=0.0)
     _hyper.check(call, "momentum_decay", momentum_decay, low=0.0)
+    hypers = {"betas[0]": b1, "betas[1]": b2, "eps": eps, "momentum_decay": momentum_decay}
 
     def init(params):
-        _check_init(
-            f"{call}.init",
-            params,
-            **{"betas[0]": b1, "betas[1]": b2, "eps": eps, "momentum_decay": momentum_decay},
-        )
+        _check_init(call, params, hypers)
         ones = optree.tree_map(
             lambda p: torch.ones((), dtype=torch.float64, device=p.device), params
         )
@@ -210,10 +211,7 @@ def scale_by_nadam(
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        b1s = _hyper.leaves(call, "betas[0]", b1, updates)
-        b2s = _hyper.leaves(call, "betas[1]", b2, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
-        mds = _hyper.leaves(call, "momentum_decay", momentum_decay, updates)
+        b1s, b2s, epss, mds = _per_leaf(call, hypers, updates)
         prods, mus, nus, out = [], [], [], []
         for g, prod, m, v, c1, c2, e, md in zip(
             leaves,
@@ -269,18 +267,17 @@ def scale_by_radam(
     call = "scale_by_radam"
     b1, b2 = _betas(call, betas)
     _hyper.check(call, "eps", eps, low=0.0)
+    hypers = {"betas[0]": b1, "betas[1]": b2, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, **{"betas[0]": b1, "betas[1]": b2, "eps": eps})
+        _check_init(call, params, hypers)
         return ScaleByRadamState(_count(params), _zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        b1s = _hyper.leaves(call, "betas[0]", b1, updates)
-        b2s = _hyper.leaves(call, "betas[1]", b2, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        b1s, b2s, epss = _per_leaf(call, hypers, updates)
         mus, nus, out = [], [], []
         for g, m, v, c1, c2, e in zip(
             leaves, optree.tree_leaves(state.mu), optree.tree_leaves(state.nu), b1s, b2s, epss
@@ -322,16 +319,16 @@ def scale_by_rms(
     call = "scale_by_rms"
     _hyper.check(call, "alpha", alpha, low=0.0)
     _hyper.check(call, "eps", eps, low=0.0)
+    hypers = {"alpha": alpha, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, alpha=alpha, eps=eps)
+        _check_init(call, params, hypers)
         return ScaleByRmsState(_zeros(params), _zeros(params) if centered else ())
 
     def update(updates, state, params=None):
         _tree.check_same(f"{call}.update", "updates", updates, "state.nu", state.nu)
         leaves, spec = optree.tree_flatten(updates)
-        alphas = _hyper.leaves(call, "alpha", alpha, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        alphas, epss = _per_leaf(call, hypers, updates)
         mus = optree.tree_leaves(state.mu) if centered else [None] * len(leaves)
         new_nu, new_mu, out = [], [], []
         for g, v, ga, a, e in zip(leaves, optree.tree_leaves(state.nu), mus, alphas, epss):
@@ -373,9 +370,10 @@ def scale_by_adagrad(
     _hyper.check(call, "lr_decay", lr_decay, low=0.0)
     _hyper.check(call, "eps", eps, low=0.0)
     _hyper.check(call, "initial_accumulator_value", initial_accumulator_value, low=0.0)
+    hypers = {"lr_decay": lr_decay, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, lr_decay=lr_decay, eps=eps)
+        _check_init(call, params, hypers)
         accs = _hyper.leaves(call, "initial_accumulator_value", initial_accumulator_value, params)
         leaves, spec = optree.tree_flatten(params)
         sums = [(torch.zeros_like(p) + a).to(p.dtype) for p, a in zip(leaves, accs)]
@@ -385,8 +383,7 @@ def scale_by_adagrad(
         _tree.check_same(f"{call}.update", "updates", updates, "state.sum", state.sum)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        decays = _hyper.leaves(call, "lr_decay", lr_decay, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        decays, epss = _per_leaf(call, hypers, updates)
         sums, out = [], []
         for g, s, dec, e in zip(leaves, optree.tree_leaves(state.sum), decays, epss):
             dt = g.dtype
@@ -411,16 +408,16 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
     call = "scale_by_adadelta"
     _hyper.check(call, "rho", rho, low=0.0, high=1.0)
     _hyper.check(call, "eps", eps, low=0.0)
+    hypers = {"rho": rho, "eps": eps}
 
     def init(params):
-        _check_init(f"{call}.init", params, rho=rho, eps=eps)
+        _check_init(call, params, hypers)
         return ScaleByAdadeltaState(_zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
         _tree.check_same(f"{call}.update", "updates", updates, "state.nu", state.nu)
         leaves, spec = optree.tree_flatten(updates)
-        rhos = _hyper.leaves(call, "rho", rho, updates)
-        epss = _hyper.leaves(call, "eps", eps, updates)
+        rhos, epss = _per_leaf(call, hypers, updates)
         nus, accs, out = [], [], []
         for g, v, acc, r, e in zip(
             leaves, optree.tree_leaves(state.nu), optree.tree_leaves(state.acc_delta), rhos, epss
@@ -473,9 +470,10 @@ def scale_by_rprop(
         raise ValueError(f"{call}: expected 0 < etas[0] < 1 < etas[1], got etas={tuple(etas)}.")
     smin = _hyper.check(call, "step_sizes[0]", step_sizes[0], low=0.0)
     smax = _hyper.check(call, "step_sizes[1]", step_sizes[1], low=0.0)
+    hypers = {"etas[0]": etaminus, "etas[1]": etaplus, "step_sizes[0]": smin, "step_sizes[1]": smax}
 
     def init(params):
-        _check_init(f"{call}.init", params, lr=lr)
+        _check_init(call, params, {"lr": lr, **hypers})
         lrs = _hyper.leaves(call, "lr", lr, params)
         leaves, spec = optree.tree_flatten(params)
         steps = [(torch.zeros_like(p) + r).to(p.dtype) for p, r in zip(leaves, lrs)]
@@ -484,10 +482,7 @@ def scale_by_rprop(
     def update(updates, state, params=None):
         _tree.check_same(f"{call}.update", "updates", updates, "state.prev", state.prev)
         leaves, spec = optree.tree_flatten(updates)
-        ems = _hyper.leaves(call, "etas[0]", etaminus, updates)
-        eps_ = _hyper.leaves(call, "etas[1]", etaplus, updates)
-        lows = _hyper.leaves(call, "step_sizes[0]", smin, updates)
-        highs = _hyper.leaves(call, "step_sizes[1]", smax, updates)
+        ems, eps_, lows, highs = _per_leaf(call, hypers, updates)
         prevs, steps, out = [], [], []
         for g, prev, step, em, ep, lo, hi in zip(
             leaves,
@@ -539,9 +534,10 @@ def scale_by_asgd(
     if _hyper.is_tree(t0) or isinstance(t0, torch.Tensor):
         raise TypeError(f"{call}: expected t0 to be a number, got {type(t0).__name__}.")
     _hyper.check(call, "t0", t0)
+    hypers = {"lr": lr, "lambd": lambd, "alpha": alpha}
 
     def init(params):
-        _check_init(f"{call}.init", params, lr=lr, lambd=lambd, alpha=alpha)
+        _check_init(call, params, hypers)
         return ScaleByAsgdState(_count(params), _zeros(params))
 
     def update(updates, state, params=None):
@@ -554,9 +550,7 @@ def scale_by_asgd(
         _tree.check_same(f"{call}.update", "updates", updates, "state.ax", state.ax)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
-        lrs = _hyper.leaves(call, "lr", lr, updates)
-        lambds = _hyper.leaves(call, "lambd", lambd, updates)
-        alphas = _hyper.leaves(call, "alpha", alpha, updates)
+        lrs, lambds, alphas = _per_leaf(call, hypers, updates)
         mu = 1.0 / torch.clamp(t - 1 - t0, min=1.0)
         axs, out = [], []
         for g, p, ax, r, lam, al in zip(
