@@ -1,13 +1,32 @@
 """metafunc: gradient-based meta-learning on ``torch.func``.
 
 Models are pure functions of plain dicts of tensors (:func:`functionalize`); inner-loop optimizers
-are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in every input.
+are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in every input;
+:func:`inner_loop` differentiates through an inner optimisation and records it on a :class:`Tape`.
 """
 
 from . import optim
 from ._functional import FunctionalModel, functionalize
+from ._inner import InnerLoopResult, inner_loop, stop_gradient
+from ._norms import exact_norms
+from ._tape import Tape
+from ._vmap import stack_tasks, unstack_tasks, vmap_tasks
 from .optim._base import apply_updates
 
 __version__ = "0.1.0"
 
-__all__ = ["FunctionalModel", "__version__", "apply_updates", "functionalize", "optim"]
+__all__ = [
+    "FunctionalModel",
+    "InnerLoopResult",
+    "Tape",
+    "__version__",
+    "apply_updates",
+    "exact_norms",
+    "functionalize",
+    "inner_loop",
+    "optim",
+    "stack_tasks",
+    "stop_gradient",
+    "unstack_tasks",
+    "vmap_tasks",
+]

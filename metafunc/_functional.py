@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import _norms
 from ._tree import close_matches
 from ._typing import Buffers, Params
 
@@ -88,6 +89,7 @@ class FunctionalModel:
         self._shapes.update({k: b.shape for k, b in self.buffers.items()})
         self._skeleton = _meta_skeleton(module)
         self.training = module.training
+        self._has_norms = any(isinstance(m, _NORMS) for m in self._skeleton.modules())
         # A tensor shared by two modules must be passed under both names. A module registered
         # under two names (``self.a = self.b = lin``) needs nothing: setting one name sets both.
         # Tying explicitly (and calling functional_call with tie_weights=False) also avoids
@@ -190,12 +192,18 @@ class FunctionalModel:
         self._check_params("FunctionalModel.apply(params, buffers, ...)", params)
         self._check_buffers("FunctionalModel.apply(params, buffers, ...)", buffers)
         new_buffers = {k: b.clone() for k, b in buffers.items()}
-        out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
+        with _norms.buffer_updates() as updates:
+            out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
+        if updates:  # running statistics computed by the exact norms (see _norms.py)
+            new_buffers = {k: updates.get(id(b), b) for k, b in new_buffers.items()}
         return out, new_buffers
 
     def _call(self, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         for alias, name in self._alias_pairs:
             tensors[alias] = tensors[name]
+        if self._has_norms and _norms.under_vmap():
+            with _norms.exact_norms():
+                return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
         return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
 
     def __call__(self, params: Params, /, *args: Any, **kwargs: Any) -> Any:
@@ -291,6 +299,9 @@ class FunctionalModel:
         with torch.no_grad():
             for name, value in pairs:
                 own[name].copy_(value)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

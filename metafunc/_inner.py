@@ -1,0 +1,330 @@
+"""``inner_loop``: differentiable inner optimisation with explicit control of the meta-gradient."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch.func import grad_and_value
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from . import _tree
+from ._tape import Tape, keep_steps
+from ._typing import OptState, Params, PyTree
+from .optim._base import GradientTransformation, apply_updates
+
+__all__ = ["InnerLoopResult", "inner_loop", "stop_gradient"]
+
+
+def stop_gradient(tree: PyTree) -> PyTree:
+    """Detaches every tensor of a pytree: no meta-gradient flows back through the result.
+
+    Example:
+        >>> import torch, metafunc
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> metafunc.stop_gradient({"w": w})["w"].requires_grad
+        False
+    """
+    return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+class InnerLoopResult(NamedTuple):
+    """What :func:`inner_loop` returns.
+
+    Attributes:
+        params: the adapted params after the last step.
+        opt_state: the optimizer state after the last step.
+        losses: the inner loss before each step, shape ``(steps,)``.
+        tape: the :class:`Tape` of recorded params.
+        aux: the per-step auxiliary outputs of ``loss_fn`` (``has_aux=True``), else ``()``.
+    """
+
+    params: Params
+    opt_state: OptState
+    losses: torch.Tensor
+    tape: Tape
+    aux: tuple
+
+
+def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint):
+    call = "inner_loop(loss_fn, params, opt, batches, ...)"
+    if not callable(loss_fn):
+        raise TypeError(f"{call}: expected loss_fn to be callable, got {type(loss_fn).__name__}.")
+    if not isinstance(params, dict):
+        hint = (
+            " Did you pass model.parameters()? Use fm.params or dict(model.named_parameters())."
+            if not isinstance(params, (str, bytes)) and hasattr(params, "__iter__")
+            else ""
+        )
+        raise TypeError(
+            f"{call}: expected params to be a dict of tensors (as returned by "
+            f"metafunc.functionalize(...).params), got {type(params).__name__}.{hint}"
+        )
+    _tree.check_floating(call, params)
+    if isinstance(opt, GradientTransformation):  # a NamedTuple: test it before sequences
+        opts = [opt]
+    else:
+        opts = list(opt) if isinstance(opt, (list, tuple)) else [opt]
+    if not opts or not all(isinstance(o, GradientTransformation) for o in opts):
+        raise TypeError(
+            f"{call}: expected opt to be a metafunc.optim optimizer (e.g. metafunc.optim.sgd("
+            f"lr=0.1)) or a sequence of them, one per step; got {type(opt).__name__}."
+        )
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"{call}: expected steps to be a positive int or None, got {steps!r}.")
+    if steps is None and (batches is None or isinstance(batches, (torch.Tensor, dict))):
+        raise TypeError(
+            f"{call}: expected batches to be an iterable of batches, or one batch with steps=N "
+            f"(the batch is then reused for N steps); got {type(batches).__name__} and steps=None."
+        )
+    if len(opts) > 1:
+        n = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)
+        if n is not None and n != len(opts):
+            raise ValueError(
+                f"{call}: got {len(opts)} per-step optimizers for {n} steps; pass one per step."
+            )
+    if not isinstance(first_order, bool):
+        raise TypeError(f"{call}: expected first_order to be a bool, got {first_order!r}.")
+    if truncate is not None and (
+        not isinstance(truncate, int) or isinstance(truncate, bool) or truncate < 0
+    ):
+        raise ValueError(f"{call}: expected truncate to be a non-negative int, got {truncate!r}.")
+    if first_order and truncate is not None:
+        raise ValueError(
+            f"{call}: first_order=True already differentiates no step; truncate={truncate} "
+            f"contradicts it. Use one of them (truncate=0 is first_order=True)."
+        )
+    if (
+        checkpoint is not None
+        and checkpoint != "sqrt"
+        and (not isinstance(checkpoint, int) or isinstance(checkpoint, bool) or checkpoint < 1)
+    ):
+        raise ValueError(
+            f"{call}: expected checkpoint to be None, 'sqrt' or a positive segment length, got "
+            f"{checkpoint!r}."
+        )
+    return opts
+
+
+def _split(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                "inner_loop(..., has_aux=True): expected loss_fn to return (loss, aux), got "
+                f"{type(out).__name__}."
+            )
+        return out
+    if isinstance(out, tuple):
+        raise TypeError(
+            "inner_loop(...): loss_fn returned a tuple; pass has_aux=True if it returns "
+            "(loss, aux)."
+        )
+    return out, None
+
+
+def _functional_grads(loss_fn, params, batch, has_aux):
+    """Gradients by torch.func (composes with vmap and with an outer backward)."""
+
+    def wrapped(p):
+        loss, aux = _split(loss_fn(p, batch), has_aux)
+        _check_scalar(loss)
+        return loss, (loss, () if aux is None else aux)  # torch.func: aux holds tensors only
+
+    grads, (loss, aux) = grad_and_value(wrapped, has_aux=True)(params)
+    return grads, loss, aux
+
+
+def _autograd_grads(loss_fn, params, batch, has_aux):
+    """Gradients by torch.autograd.grad(create_graph=True), for checkpointed segments."""
+    leaves, spec = optree.tree_flatten(params)
+    used = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
+    with torch.enable_grad():
+        loss, aux = _split(loss_fn(optree.tree_unflatten(spec, used), batch), has_aux)
+        _check_scalar(loss)
+        raw = torch.autograd.grad(loss, used, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(used, raw)]
+    return optree.tree_unflatten(spec, grads), loss, aux
+
+
+def _check_scalar(loss):
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"inner_loop(...): expected loss_fn to return a scalar tensor, got {shape}. Reduce "
+            f"the loss, e.g. with .mean()."
+        )
+
+
+def _step(opt, loss_fn, params, state, batch, has_aux, exact, grads_fn=_functional_grads):
+    """One inner step. ``exact=False`` is a first-order step: its gradient is a constant and the
+    params enter the update only through ``params + update`` (straight-through)."""
+    if exact:
+        grads, loss, aux = grads_fn(loss_fn, params, batch, has_aux)
+        updates, state = opt.update(grads, state, params)
+    else:
+        constant = stop_gradient(params)
+        grads, loss, aux = _functional_grads(loss_fn, constant, batch, has_aux)
+        grads, loss, aux = stop_gradient((grads, loss, aux))
+        updates, state = opt.update(grads, state, constant)
+    return apply_updates(params, updates), state, loss, aux
+
+
+def inner_loop(
+    loss_fn: Callable[..., Any],
+    params: Params,
+    opt: GradientTransformation | Sequence[GradientTransformation],
+    batches: Iterable[Any] | Any,
+    *,
+    steps: int | None = None,
+    has_aux: bool = False,
+    first_order: bool = False,
+    truncate: int | None = None,
+    checkpoint: int | str | None = None,
+    record: str | int = "all",
+    record_state: bool = False,
+    opt_state: OptState | None = None,
+) -> InnerLoopResult:
+    """Runs an inner optimisation loop that the meta-gradient can flow through.
+
+    At step ``t`` (from 1), with ``b_t`` the t-th batch:
+    ``g_t = grad(loss_fn)(params_{t-1}, b_t)``,
+    ``u_t, s_t = opt.update(g_t, s_{t-1}, params_{t-1})``, ``params_t = params_{t-1} + u_t``.
+
+    **Where the meta-gradient goes.** It goes to whatever tensors you pass as ``params``: pass
+    ``fm.params`` (the module's own parameters) and ``meta_loss.backward()`` fills the module's
+    ``.grad`` with exactly the meta-gradient, nothing else (inner gradients are functional and
+    never accumulate into ``.grad``). Pass ``metafunc.stop_gradient(fm.params)`` (detached
+    copies) and the initial weights get no meta-gradient; learnable hyperparameters still do.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+        params: the initial params, a dict of floating-point tensors.
+        opt: a :mod:`metafunc.optim` optimizer, or a sequence with one per step (per-step
+            learnable learning rates; all must share one state structure).
+        batches: an iterable of batches, one per step; or a single batch with ``steps=N``.
+        steps: reuse the single batch ``batches`` for this many steps.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the per-step aux is in ``result.aux``.
+        first_order: first-order MAML: no step is differentiated; the meta-gradient w.r.t. the
+            initial params is the outer gradient at the adapted params (straight-through), and
+            learnable hyperparameters get the first-order gradient (inner gradients as constants).
+        truncate: differentiate only the last ``truncate`` steps exactly; earlier steps are
+            first-order as above. ``truncate=0`` is ``first_order=True``.
+        checkpoint: recompute segments of this many exact steps in the backward pass instead of
+            storing them (``"sqrt"``: ``round(sqrt(steps))``). Peak memory grows like
+            ``sqrt(steps)`` instead of ``steps`` and the meta-gradient is the same. Uses
+            ``torch.utils.checkpoint`` with ``torch.autograd.grad``, so it applies outside
+            ``torch.func`` transforms (run tasks with ``vmap_tasks(strategy="loop")``).
+        record: which params the tape keeps: ``"all"``, ``"endpoints"``, ``"none"``, or an int
+            ``k`` (every k-th step and the last). Recorded params are ones the meta-gradient
+            needs anyway (except in first-order steps, where they are kept only for the tape).
+        record_state: also record the optimizer state at the recorded steps.
+        opt_state: the optimizer state to start from (default ``opt.init(params)``).
+
+    Returns:
+        :class:`InnerLoopResult` ``(params, opt_state, losses, tape, aux)``.
+
+    Example:
+        >>> import torch, metafunc
+        >>> w0 = torch.tensor([1.0], requires_grad=True)
+        >>> loss = lambda p, x: ((p["w"] - x) ** 2).sum()
+        >>> result = metafunc.inner_loop(
+        ...     loss, {"w": w0}, metafunc.optim.sgd(lr=0.25), torch.tensor([3.0]), steps=2)
+        >>> result.params["w"].detach(), result.losses.detach()
+        (tensor([2.5000]), tensor([4., 1.]))
+        >>> result.params["w"].backward()   # d w_2 / d w_0 = (1 - 2 * 0.25) ** 2
+        >>> w0.grad
+        tensor([0.2500])
+    """
+    opts = _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint)
+    batch_list = list(itertools.repeat(batches, steps)) if steps is not None else list(batches)
+    n = len(batch_list)
+    if n == 0:
+        raise ValueError("inner_loop(...): got no batches; pass at least one (or steps=N).")
+    if len(opts) == 1:
+        opts = opts * n
+    elif len(opts) != n:
+        raise ValueError(
+            f"inner_loop(...): got {len(opts)} per-step optimizers for {n} steps; pass one per "
+            f"step."
+        )
+    keep = keep_steps(record, n)
+    n_exact = 0 if first_order else (n if truncate is None else min(truncate, n))
+    state = opts[0].init(params) if opt_state is None else opt_state
+
+    recorded: dict[int, Params] = {0: dict(params)} if keep(0, False) else {}
+    states: dict[int, OptState] = {0: state} if record_state and 0 in recorded else {}
+    losses: list[torch.Tensor] = []
+    auxes: list[Any] = []
+
+    def note(t, p, s):
+        if keep(t, t == n):
+            recorded[t] = p
+            if record_state:
+                states[t] = s
+
+    # first-order steps (all of them with first_order=True; the leading ones with truncate)
+    for t in range(1, n - n_exact + 1):
+        params, state, loss, aux = _step(
+            opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, exact=False
+        )
+        losses.append(loss)
+        auxes.append(aux)
+        note(t, params, state)
+
+    start = n - n_exact + 1
+    if checkpoint is None or n_exact == 0:
+        for t in range(start, n + 1):
+            params, state, loss, aux = _step(
+                opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, exact=True
+            )
+            losses.append(loss)
+            auxes.append(aux)
+            note(t, params, state)
+    else:
+        seg = max(1, round(n_exact**0.5)) if checkpoint == "sqrt" else int(checkpoint)
+        for seg_start in range(start, n + 1, seg):
+            seg_steps = list(range(seg_start, min(seg_start + seg, n + 1)))
+
+            def segment(p, s, seg_steps=seg_steps):
+                out = []
+                for t in seg_steps:
+                    p, s, loss, aux = _step(
+                        opts[t - 1],
+                        loss_fn,
+                        p,
+                        s,
+                        batch_list[t - 1],
+                        has_aux,
+                        True,
+                        grads_fn=_autograd_grads,
+                    )
+                    kept = (p, s) if keep(t, t == n) else None
+                    out.append((loss, aux, kept))
+                return p, s, out
+
+            try:
+                params, state, outs = torch_checkpoint(
+                    segment, params, state, use_reentrant=False, preserve_rng_state=True
+                )
+            except RuntimeError as e:
+                if "functorch" in str(e) or "torch.func" in str(e) or "transform" in str(e):
+                    raise RuntimeError(
+                        "inner_loop(..., checkpoint=...): checkpointed unrolls use "
+                        "torch.autograd.grad and cannot run inside torch.func transforms "
+                        "(vmap/grad). Run the tasks with vmap_tasks(..., strategy='loop'), or "
+                        "drop checkpoint=."
+                    ) from e
+                raise
+            for t, (loss, aux, kept) in zip(seg_steps, outs):
+                losses.append(loss)
+                auxes.append(aux)
+                if kept is not None:
+                    recorded[t] = kept[0]
+                    if record_state:
+                        states[t] = kept[1]
+
+    tape = Tape(recorded, torch.stack(losses), states)
+    return InnerLoopResult(params, state, tape.losses, tape, tuple(auxes) if has_aux else ())

@@ -1,0 +1,128 @@
+"""Exact BatchNorm and LayerNorm under ``torch.func.vmap``.
+
+On torch 2.13 the *second-order* derivative of ``F.batch_norm`` (training mode) and ``F.layer_norm``
+with affine parameters is wrong under ``vmap`` (1-90 % relative error in the MAML meta-gradient of
+the weights feeding the norm; upstream pytorch/functorch#534), while a per-task loop is exact. While
+a :class:`FunctionalModel` with norm layers runs under ``vmap`` (or inside :func:`exact_norms`),
+these two functions are replaced by compositions of elementary ops, whose batching rules are
+correct to float64 round-off. Everything else runs unchanged.
+
+Running statistics are not written in place (a batched update cannot be written into an unbatched
+buffer): they are handed back to :meth:`FunctionalModel.apply` through :func:`buffer_updates`, so
+a vmapped model returns per-task running statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch._C._functorch import TransformType, get_interpreter_stack
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["buffer_updates", "exact_norms", "under_vmap"]
+
+_UPDATES: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "metafunc_buffer_updates", default=None
+)
+_BATCH_NORM = inspect.signature(F.batch_norm)
+_LAYER_NORM = inspect.signature(F.layer_norm)
+
+
+def under_vmap() -> bool:
+    """Whether the caller runs inside a ``torch.func.vmap`` transform."""
+    stack = get_interpreter_stack()
+    return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
+
+
+@contextlib.contextmanager
+def buffer_updates() -> Iterator[dict[int, torch.Tensor]]:
+    """Collects running-statistics updates made by the exact norms, keyed by ``id(buffer)``."""
+    updates: dict[int, torch.Tensor] = {}
+    token = _UPDATES.set(updates)
+    try:
+        yield updates
+    finally:
+        _UPDATES.reset(token)
+
+
+def _store(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    updates = _UPDATES.get()
+    if updates is None:
+        buffer.copy_(value)  # outside FunctionalModel.apply: behave like torch (in place)
+    else:
+        updates[id(buffer)] = value
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training:
+        mean = input.mean(dims, keepdim=True)
+        centered = input - mean
+        var = (centered * centered).mean(dims, keepdim=True)
+        if running_mean is not None and running_var is not None:
+            n = input.numel() / input.shape[1]
+            with torch.no_grad():
+                m = momentum
+                new_mean = (1 - m) * running_mean + m * mean.detach().reshape(-1)
+                unbiased = var.detach().reshape(-1) * (n / max(n - 1, 1))
+                new_var = (1 - m) * running_var + m * unbiased
+            _store(running_mean, new_mean.to(running_mean.dtype))
+            _store(running_var, new_var.to(running_var.dtype))
+        out = centered * torch.rsqrt(var + eps)
+    else:
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    centered = input - mean
+    var = (centered * centered).mean(dims, keepdim=True)
+    out = centered * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class _ExactNorms(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = _BATCH_NORM.bind(*args, **kwargs)
+            return _batch_norm(**bound.arguments)
+        if func is F.layer_norm:
+            bound = _LAYER_NORM.bind(*args, **kwargs)
+            return _layer_norm(**bound.arguments)
+        return func(*args, **kwargs)
+
+
+def exact_norms() -> contextlib.AbstractContextManager:
+    """A context in which ``F.batch_norm`` and ``F.layer_norm`` are computed from elementary ops.
+
+    :class:`FunctionalModel` enables it by itself when a model with norm layers runs under
+    ``vmap``; use it directly for code that calls those functions outside a FunctionalModel.
+
+    Example:
+        >>> import torch, metafunc
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> with metafunc.exact_norms():
+        ...     y = torch.nn.functional.layer_norm(x, (3,))
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (3,)))
+        True
+    """
+    return _ExactNorms()
