@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 import optree
 import torch
 from torch.func import grad_and_value
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from . import _tree
+from . import _norms, _tree
+from ._checkpoint import checkpointed as _checkpointed
 from ._tape import Tape, keep_steps
 from ._typing import OptState, Params, PyTree
 from .optim._base import GradientTransformation, apply_updates
@@ -131,20 +131,25 @@ def _functional_grads(loss_fn, params, batch, has_aux):
     def wrapped(p):
         loss, aux = _split(loss_fn(p, batch), has_aux)
         _check_scalar(loss)
-        return loss, (loss, () if aux is None else aux)  # torch.func: aux holds tensors only
+        return loss, (() if aux is None else aux)  # torch.func: aux holds tensors only
 
     grads, (loss, aux) = grad_and_value(wrapped, has_aux=True)(params)
     return grads, loss, aux
 
 
 def _autograd_grads(loss_fn, params, batch, has_aux):
-    """Gradients by torch.autograd.grad(create_graph=True), for checkpointed segments."""
+    """Gradients by torch.autograd.grad, for checkpointed segments: with a graph when grad mode is
+    on (the recomputation in the backward pass), values only under no_grad (the forward pass)."""
+    create_graph = torch.is_grad_enabled()
     leaves, spec = optree.tree_flatten(params)
     used = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
     with torch.enable_grad():
         loss, aux = _split(loss_fn(optree.tree_unflatten(spec, used), batch), has_aux)
         _check_scalar(loss)
-        raw = torch.autograd.grad(loss, used, create_graph=True, allow_unused=True)
+        raw = torch.autograd.grad(loss, used, create_graph=create_graph, allow_unused=True)
+    if not create_graph:
+        raw = tuple(None if g is None else g.detach() for g in raw)
+        loss, aux = stop_gradient((loss, aux))
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(used, raw)]
     return optree.tree_unflatten(spec, grads), loss, aux
 
@@ -284,6 +289,12 @@ def inner_loop(
             auxes.append(aux)
             note(t, params, state)
     else:
+        if _norms.under_vmap() or torch._C._functorch.get_interpreter_stack():
+            raise RuntimeError(
+                "inner_loop(..., checkpoint=...): checkpointed unrolls recompute segments with "
+                "torch.autograd and cannot run inside torch.func transforms (vmap/grad). Run the "
+                "tasks with vmap_tasks(..., strategy='loop'), or drop checkpoint=."
+            )
         seg = max(1, round(n_exact**0.5)) if checkpoint == "sqrt" else int(checkpoint)
         for seg_start in range(start, n + 1, seg):
             seg_steps = list(range(seg_start, min(seg_start + seg, n + 1)))
@@ -292,32 +303,14 @@ def inner_loop(
                 out = []
                 for t in seg_steps:
                     p, s, loss, aux = _step(
-                        opts[t - 1],
-                        loss_fn,
-                        p,
-                        s,
-                        batch_list[t - 1],
-                        has_aux,
-                        True,
+                        opts[t - 1], loss_fn, p, s, batch_list[t - 1], has_aux, True,
                         grads_fn=_autograd_grads,
                     )
                     kept = (p, s) if keep(t, t == n) else None
-                    out.append((loss, aux, kept))
+                    out.append((loss, () if aux is None else aux, kept))
                 return p, s, out
 
-            try:
-                params, state, outs = torch_checkpoint(
-                    segment, params, state, use_reentrant=False, preserve_rng_state=True
-                )
-            except RuntimeError as e:
-                if "functorch" in str(e) or "torch.func" in str(e) or "transform" in str(e):
-                    raise RuntimeError(
-                        "inner_loop(..., checkpoint=...): checkpointed unrolls use "
-                        "torch.autograd.grad and cannot run inside torch.func transforms "
-                        "(vmap/grad). Run the tasks with vmap_tasks(..., strategy='loop'), or "
-                        "drop checkpoint=."
-                    ) from e
-                raise
+            params, state, outs = _checkpointed(segment, params, state)
             for t, (loss, aux, kept) in zip(seg_steps, outs):
                 losses.append(loss)
                 auxes.append(aux)
