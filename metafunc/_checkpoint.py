@@ -34,8 +34,8 @@ class _Externals(TorchFunctionMode):
 
     def __init__(self, known: list[torch.Tensor]) -> None:
         super().__init__()
-        self.produced: weakref.WeakValueDictionary[int, torch.Tensor] = (
-            weakref.WeakValueDictionary({id(t): t for t in known})
+        self.produced: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary(
+            {id(t): t for t in known}
         )
         self.external: dict[int, torch.Tensor] = {}
 
@@ -44,7 +44,8 @@ class _Externals(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in optree.tree_leaves((args, kwargs)):
+        seen: list[Any] = optree.tree_leaves((args, kwargs))  # type: ignore[arg-type]
+        for t in seen:
             if (
                 isinstance(t, torch.Tensor)
                 and t.requires_grad
@@ -106,7 +107,8 @@ class _Segment(torch.autograd.Function):
 
 def checkpointed(segment: Callable[..., Any], params: Any, state: Any) -> Any:
     """Runs ``segment(params, state)`` with its graph recomputed in the backward pass."""
-    leaves, in_spec = optree.tree_flatten((params, state))
+    leaves: list[torch.Tensor]
+    leaves, in_spec = optree.tree_flatten((params, state))  # type: ignore[arg-type]
     rng = _rng_state()
     mode = _Externals(list(leaves))
     with torch.no_grad(), mode:

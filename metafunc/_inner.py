@@ -303,7 +303,13 @@ def inner_loop(
                 out = []
                 for t in seg_steps:
                     p, s, loss, aux = _step(
-                        opts[t - 1], loss_fn, p, s, batch_list[t - 1], has_aux, True,
+                        opts[t - 1],
+                        loss_fn,
+                        p,
+                        s,
+                        batch_list[t - 1],
+                        has_aux,
+                        True,
                         grads_fn=_autograd_grads,
                     )
                     kept = (p, s) if keep(t, t == n) else None

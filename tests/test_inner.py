@@ -7,6 +7,7 @@ form for quadratic inner losses; hand-written first-order and truncated unrolls.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def float64_default():
 def _mlp_problem(widths, seed, n=6):
     g = torch.Generator().manual_seed(seed)
     params = {}
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         params[f"w{i}"] = torch.randn(b, a, generator=g, dtype=D) / a**0.5
         params[f"b{i}"] = 0.1 * torch.randn(b, generator=g, dtype=D)
     x = torch.randn(n, widths[0], generator=g, dtype=D)
@@ -239,7 +240,7 @@ def test_stop_gradient_cuts_the_path_to_the_initial_weights_but_not_to_hyperpara
 
 # ------------------------------------------------------------------------------------- the tape
 def test_tape_records_every_step_as_non_aliasing_differentiable_snapshots():
-    params, support, query = _mlp_problem([2, 3, 1], 6)
+    params, support, _ = _mlp_problem([2, 3, 1], 6)
     theta = {k: v.clone().requires_grad_() for k, v in params.items()}
     result = metafunc.inner_loop(mse, theta, mo.sgd(lr=0.1), support, steps=3)
     tape = result.tape
