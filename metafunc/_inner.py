@@ -219,12 +219,15 @@ def inner_loop(
             first-order as above. ``truncate=0`` is ``first_order=True``.
         checkpoint: recompute segments of this many exact steps in the backward pass instead of
             storing them (``"sqrt"``: ``round(sqrt(steps))``). Peak memory grows like
-            ``sqrt(steps)`` instead of ``steps`` and the meta-gradient is the same. Uses
-            ``torch.utils.checkpoint`` with ``torch.autograd.grad``, so it applies outside
-            ``torch.func`` transforms (run tasks with ``vmap_tasks(strategy="loop")``).
+            ``sqrt(steps)`` instead of ``steps`` and the meta-gradient is the same, bit for
+            bit. Each segment is an ``autograd.Function`` whose backward reruns the segment
+            with ``torch.autograd.grad(create_graph=True)``, so it applies outside ``torch.func``
+            transforms (run tasks with ``vmap_tasks(strategy="loop")``) and raises inside one.
         record: which params the tape keeps: ``"all"``, ``"endpoints"``, ``"none"``, or an int
-            ``k`` (every k-th step and the last). Recorded params are ones the meta-gradient
-            needs anyway (except in first-order steps, where they are kept only for the tape).
+            ``k`` (every k-th step and the last). A recorded weight is mostly a tensor the
+            backward pass keeps anyway (the matmul that uses it saves it); what it does not keep
+            (biases, first-order steps) costs its size per recorded step: ``"all"`` over
+            ``"endpoints"`` added about 13 % to the peak memory of a T=200 unroll.
         record_state: also record the optimizer state at the recorded steps.
         opt_state: the optimizer state to start from (default ``opt.init(params)``).
 

@@ -1,11 +1,13 @@
-"""Exact BatchNorm and LayerNorm under ``torch.func.vmap``.
+"""Exact BatchNorm, InstanceNorm and LayerNorm under ``torch.func.vmap``.
 
-On torch 2.13 the *second-order* derivative of ``F.batch_norm`` (training mode) and ``F.layer_norm``
-with affine parameters is wrong under ``vmap`` (1-90 % relative error in the MAML meta-gradient of
-the weights feeding the norm; upstream pytorch/functorch#534), while a per-task loop is exact. While
-a :class:`FunctionalModel` with norm layers runs under ``vmap`` (or inside :func:`exact_norms`),
-these two functions are replaced by compositions of elementary ops, whose batching rules are
-correct to float64 round-off. Everything else runs unchanged.
+On torch 2.13 the *second-order* derivative of ``F.batch_norm`` (training mode),
+``F.instance_norm`` and ``F.layer_norm`` with affine parameters is wrong under ``vmap`` (1-90 %
+relative error in the MAML meta-gradient of the weights feeding the norm; upstream
+pytorch/functorch#534), while a per-task loop is exact. While a :class:`FunctionalModel` with norm
+layers runs under ``vmap`` (or inside :func:`exact_norms`), these functions are replaced by
+compositions of elementary ops, whose batching rules are correct to float64 round-off. Everything
+else runs unchanged. A model that calls these functions itself (``F.layer_norm`` in a custom
+``forward``, with no norm *module*) is not detected: wrap such code in :func:`exact_norms`.
 
 Running statistics are not written in place (a batched update cannot be written into an unbatched
 buffer): they are handed back to :meth:`FunctionalModel.apply` through :func:`buffer_updates`, so
@@ -31,6 +33,7 @@ _UPDATES: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.C
 )
 _BATCH_NORM = inspect.signature(F.batch_norm)
 _LAYER_NORM = inspect.signature(F.layer_norm)
+_INSTANCE_NORM = inspect.signature(F.instance_norm)
 
 
 def under_vmap() -> bool:
@@ -50,6 +53,12 @@ def buffer_updates() -> Iterator[dict[int, torch.Tensor]]:
         _UPDATES.reset(token)
 
 
+def _current(buffer: torch.Tensor) -> torch.Tensor:
+    """The latest value of a running statistic (a norm layer may run twice in one forward)."""
+    updates = _UPDATES.get()
+    return buffer if updates is None else updates.get(id(buffer), buffer)
+
+
 def _store(buffer: torch.Tensor, value: torch.Tensor) -> None:
     updates = _UPDATES.get()
     if updates is None:
@@ -58,32 +67,70 @@ def _store(buffer: torch.Tensor, value: torch.Tensor) -> None:
         updates[id(buffer)] = value
 
 
-def _batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
-):
-    dims = [0, *range(2, input.dim())]
+def _running_update(running_mean, running_var, mean, var, n, momentum) -> None:
+    """``mean``/``var`` (biased) have one row per instance and one column per channel."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        old_mean, old_var = _current(running_mean), _current(running_var)
+        m = momentum
+        unbiased = var.detach() * (n / max(n - 1, 1))
+        new_mean = (1 - m) * old_mean + m * mean.detach().mean(0)
+        new_var = (1 - m) * old_var + m * unbiased.mean(0)
+    _store(running_mean, new_mean.to(running_mean.dtype))
+    _store(running_var, new_var.to(running_var.dtype))
+
+
+def _normalize(input, mean, var, weight, bias, eps):
     shape = [1, -1] + [1] * (input.dim() - 2)
-    if training:
-        mean = input.mean(dims, keepdim=True)
-        centered = input - mean
-        var = (centered * centered).mean(dims, keepdim=True)
-        if running_mean is not None and running_var is not None:
-            n = input.numel() / input.shape[1]
-            with torch.no_grad():
-                m = momentum
-                new_mean = (1 - m) * running_mean + m * mean.detach().reshape(-1)
-                unbiased = var.detach().reshape(-1) * (n / max(n - 1, 1))
-                new_var = (1 - m) * running_var + m * unbiased
-            _store(running_mean, new_mean.to(running_mean.dtype))
-            _store(running_var, new_var.to(running_var.dtype))
-        out = centered * torch.rsqrt(var + eps)
-    else:
-        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    out = (input - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight.reshape(shape)
     if bias is not None:
         out = out + bias.reshape(shape)
     return out
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if not training:
+        mean, var = _current(running_mean), _current(running_var)
+        return _normalize(input, mean.reshape(shape), var.reshape(shape), weight, bias, eps)
+    F._verify_batch_size(input.size())  # type: ignore[attr-defined]  # torch's own check, with torch's message
+    dims = [0, *range(2, input.dim())]
+    mean = input.mean(dims, keepdim=True)
+    centered = input - mean
+    var = (centered * centered).mean(dims, keepdim=True)
+    n = input.numel() // input.shape[1]
+    _running_update(running_mean, running_var, mean.reshape(1, -1), var.reshape(1, -1), n, momentum)
+    return _normalize(input, mean, var, weight, bias, eps)
+
+
+def _instance_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+):
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if not use_input_stats:
+        mean, var = _current(running_mean), _current(running_var)
+        return _normalize(input, mean.reshape(shape), var.reshape(shape), weight, bias, eps)
+    F._verify_spatial_size(input.size())  # type: ignore[attr-defined]  # torch's own check, with torch's message
+    dims = tuple(range(2, input.dim()))
+    mean = input.mean(dims, keepdim=True)
+    centered = input - mean
+    var = (centered * centered).mean(dims, keepdim=True)
+    n = input[0, 0].numel()
+    rows = input.shape[:2]
+    _running_update(running_mean, running_var, mean.reshape(rows), var.reshape(rows), n, momentum)
+    return _normalize(input, mean, var, weight, bias, eps)
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -108,11 +155,15 @@ class _ExactNorms(TorchFunctionMode):
         if func is F.layer_norm:
             bound = _LAYER_NORM.bind(*args, **kwargs)
             return _layer_norm(**bound.arguments)
+        if func is F.instance_norm:
+            bound = _INSTANCE_NORM.bind(*args, **kwargs)
+            return _instance_norm(**bound.arguments)
         return func(*args, **kwargs)
 
 
 def exact_norms() -> contextlib.AbstractContextManager:
-    """A context in which ``F.batch_norm`` and ``F.layer_norm`` are computed from elementary ops.
+    """A context in which ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` are computed
+    from elementary ops.
 
     :class:`FunctionalModel` enables it by itself when a model with norm layers runs under
     ``vmap``; use it directly for code that calls those functions outside a FunctionalModel.

@@ -27,10 +27,11 @@ def stack_tasks(tasks: Sequence[PyTree]) -> PyTree:
         >>> batch["x"].shape
         torch.Size([2, 2])
     """
-    if not isinstance(tasks, Sequence) or isinstance(tasks, (str, bytes)) or not tasks:
+    if not isinstance(tasks, Sequence) or isinstance(tasks, (str, bytes)) or len(tasks) == 0:
+        empty = " (empty)" if isinstance(tasks, Sequence) and len(tasks) == 0 else ""
         raise TypeError(
             f"stack_tasks(tasks): expected a non-empty list of per-task pytrees, got "
-            f"{type(tasks).__name__}{'' if tasks else ' (empty)'}."
+            f"{type(tasks).__name__}{empty}."
         )
     first = optree.tree_structure(tasks[0])
     for i, t in enumerate(tasks):
@@ -65,6 +66,13 @@ def _task_size(call: str, flat_args, flat_dims) -> int:
     return sizes.pop()
 
 
+def _rng_states() -> list[torch.Tensor]:
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
 def _loop(func, in_dims, out_dims, randomness, args, kwargs):
     call = "vmap_tasks(func, strategy='loop')"
     dims = optree.tree_broadcast_prefix(in_dims, args, none_is_leaf=True)
@@ -77,6 +85,7 @@ def _loop(func, in_dims, out_dims, randomness, args, kwargs):
         if randomness == "same" and torch.cuda.is_available()
         else None
     )
+    before = _rng_states() if randomness == "error" else None
     outs = []
     for i in range(n):
         if rng is not None:
@@ -88,6 +97,16 @@ def _loop(func, in_dims, out_dims, randomness, args, kwargs):
             for a, d in zip(flat_args, flat_dims)
         ]
         outs.append(func(*optree.tree_unflatten(spec, task_args), **kwargs))
+        if before is not None:
+            after = _rng_states()
+            # zip: if func initialised CUDA, its fresh generators are not compared
+            if any(not torch.equal(a, b) for a, b in zip(after, before)):
+                raise RuntimeError(
+                    f"{call}: func drew random numbers (dropout, torch.rand, ...) while "
+                    "randomness='error', the default, as in torch.func.vmap. Pass "
+                    "randomness='different' (each task its own draws) or 'same' (every task the "
+                    "same draws), or move the random op out of func."
+                )
     out_spec = optree.tree_structure(outs[0], none_is_leaf=True)
     flat_out_dims = optree.tree_leaves(
         optree.tree_broadcast_prefix(out_dims, outs[0], none_is_leaf=True), none_is_leaf=True
