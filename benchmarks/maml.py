@@ -279,18 +279,18 @@ def make_row(name, builder, prob: Problem, device) -> Row:
 
 
 def run_rows(rows: list[Row], device, repeats: int, min_sample_s: float) -> None:
-    """Warm-up (2 iterations; 5 for metafunc "auto", which times loop, vmap, loop, vmap on its
-    first 4 calls and keeps the faster), then `repeats` round-robin samples, the order rotated
+    """Warm-up (2 iterations; 7 for metafunc "auto", which times loop and vmap alternately on its
+    first 6 calls and keeps the faster), then `repeats` round-robin samples, the order rotated
     each round; a sample averages enough iterations to last `min_sample_s`. A row slower than 1 s
     and more than 2x slower than the fastest in warm-up cannot be the fastest and is not
     repeated: its best warm-up iteration is its only sample (noted in the table)."""
     best = {}
     for row in rows:
         auto = row.task_map is not None and row.task_map.strategy is None
-        times = [clock(row.iteration, device) for _ in range(5 if auto else 2)]
+        times = [clock(row.iteration, device) for _ in range(7 if auto else 2)]
         best[row.name] = min(times)
         if auto:
-            row.notes.append(f"auto picked {row.task_map.strategy!r} in {sum(times[:4]):.1f} s")
+            row.notes.append(f"auto picked {row.task_map.strategy!r} in {sum(times[:6]):.1f} s")
     fastest = min(best.values())
     active = [r for r in rows if best[r.name] < max(1.0, 2 * fastest)]
     for row in rows:

@@ -16,6 +16,7 @@ __all__ = ["stack_tasks", "unstack_tasks", "vmap_tasks"]
 
 _STRATEGIES = ("auto", "vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
+_AUTO_CALLS = 3  # calls per strategy that "auto" times on the CPU before it decides
 
 
 def stack_tasks(tasks: Sequence[PyTree]) -> PyTree:
@@ -159,15 +160,17 @@ class _TaskMap:
             self.strategy = "vmap"  # accelerators: one batched kernel beats many small ones
             return self._run("vmap", args, kwargs)
         # CPU: which is faster depends on the model (vmap ~8x faster for an MLP, 2-3x slower
-        # for a conv net on 2 cores): time both, after one warm-up call each, then keep the faster.
+        # for a conv net on 2 cores): time both, alternating, three calls each; the first call of
+        # each is a warm-up, the best of the other two decides (one sample is too noisy on a
+        # shared machine).
         order = ["loop", "vmap"]
         calls = sum(len(v) for v in self._timings.values())
         candidate = order[calls % 2]
         start = time.perf_counter()
         out = self._run(candidate, args, kwargs)
         self._timings[candidate].append(time.perf_counter() - start)
-        if all(len(v) >= 2 for v in self._timings.values()):
-            self.strategy = min(order, key=lambda s: self._timings[s][-1])
+        if all(len(v) >= _AUTO_CALLS for v in self._timings.values()):
+            self.strategy = min(order, key=lambda s: min(self._timings[s][1:]))
         return out
 
 
@@ -189,7 +192,7 @@ def vmap_tasks(
 
     Strategies: ``"vmap"`` (one batched computation), ``"loop"`` (a Python loop over tasks, outputs
     stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs
-    are on an accelerator; on the CPU both are timed on the first calls and the faster is kept
+    are on an accelerator; on the CPU both are timed on the first six calls and the faster is kept
     (``.strategy`` on the returned function says which). Both give the same numbers: models
     with BatchNorm/LayerNorm are computed exactly under vmap (see :func:`exact_norms`).
 
