@@ -27,6 +27,29 @@ def _zero_entry_unroll(update_fn):
     return torch.autograd.grad(p.sum(), w)[0]
 
 
+def _cubic(x, a):
+    """torchopt#222: the real root of a x^3 - x - 2 at a = 1; dx/da = -0.5924469933, d2x/da2 =
+    0.8451995734 (differentiate x = x(a) in a x^3 - x - 2 = 0 twice)."""
+    return a * x**3 - x - 2
+
+
+def _newton(x, a):
+    x, a = x.detach(), a.detach()
+    for _ in range(60):
+        x = x - _cubic(x, a) / (3 * a * x**2 - 1)
+    return x
+
+
+def _root_derivatives(decorate, shape):
+    """(dx/da, d2x/da2) of the decorated Newton solver, for a of the given shape."""
+    root = decorate(_newton)
+    a = torch.ones(shape, dtype=torch.float64, requires_grad=True)
+    x = root(torch.ones(shape, dtype=torch.float64), a)
+    (d,) = torch.autograd.grad(x.sum(), a, create_graph=True)
+    (d2,) = torch.autograd.grad(d.sum(), a)
+    return round(d.sum().item(), 10), round(d2.sum().item(), 10)
+
+
 def metafunc_facts() -> None:
     opt = metafunc.optim.adam(lr=0.1)
 
@@ -53,6 +76,21 @@ def torchopt_facts() -> None:
 
     version = torchopt.__version__
     print(f"torchopt {version} adam, zero-gradient entry: meta-grad =", _zero_entry_unroll(step))
+    solvers = {
+        "solve_cg": torchopt.linear_solve.solve_cg,
+        "solve_normal_cg": torchopt.linear_solve.solve_normal_cg,
+        "solve_inv": torchopt.linear_solve.solve_inv,
+    }
+    for name, make in solvers.items():
+        for shape in ((), (1,)):
+            decorate = torchopt.diff.implicit.custom_root(_cubic, argnums=1, solve=make())
+            try:
+                result = _root_derivatives(decorate, shape)
+            except RuntimeError as e:
+                result = f"error: {str(e).splitlines()[0][:70]}"
+            print(
+                f"torchopt custom_root({name}), cubic root, a of shape {shape}: (d, d2) =", result
+            )
 
 
 def higher_facts() -> None:
@@ -105,7 +143,26 @@ def higher_facts() -> None:
     print(f"metafunc.optim.adam vs torch.optim.Adam, same run: max |diff| = {drift:.2e}")
 
 
+def metafunc_implicit_facts() -> None:
+    from metafunc.implicit import custom_root, solve_cg, solve_dense, solve_neumann
+
+    solvers = {
+        "solve_normal_cg (default)": None,
+        "solve_cg": solve_cg,
+        "solve_dense": solve_dense,
+        "solve_neumann(alpha=0.1)": lambda m, b: solve_neumann(m, b, alpha=0.1, maxiter=1000),
+    }
+    for name, solve in solvers.items():
+        for shape in ((), (1,)):
+            decorate = custom_root(_cubic) if solve is None else custom_root(_cubic, solve)
+            result = _root_derivatives(decorate, shape)
+            print(
+                f"metafunc custom_root({name}), cubic root, a of shape {shape}: (d, d2) =", result
+            )
+
+
 if __name__ == "__main__":
     metafunc_facts()
     torchopt_facts()
     higher_facts()
+    metafunc_implicit_facts()

@@ -5,7 +5,7 @@ are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in ev
 :func:`inner_loop` differentiates through an inner optimisation and records it on a :class:`Tape`.
 """
 
-from . import optim
+from . import implicit, optim
 from ._functional import FunctionalModel, functionalize
 from ._inner import InnerLoopResult, inner_loop, stop_gradient
 from ._norms import exact_norms
@@ -23,6 +23,7 @@ __all__ = [
     "apply_updates",
     "exact_norms",
     "functionalize",
+    "implicit",
     "inner_loop",
     "optim",
     "stack_tasks",

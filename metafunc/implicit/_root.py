@@ -1,0 +1,347 @@
+"""custom_root and custom_fixed_point: solutions differentiated by the implicit function theorem.
+
+If ``sol(theta)`` solves ``F(sol, theta) = 0`` and ``J = dF/dsol`` is invertible there, then
+``dsol/dtheta = -J^{-1} dF/dtheta``. The backward pass of a decorated solver therefore never looks
+at the solver's iterations: given the cotangent ``v`` of the solution it solves ``J^T u = v`` with
+a linear solver built on vector-Jacobian products (no Hessian is formed) and returns
+``-(dF/dtheta)^T u``. Memory does not grow with the solver's iterations.
+
+The backward pass evaluates ``F`` at the *differentiable* solution, so second derivatives (a
+gradient of a gradient) are the implicit function's own, not those of a frozen solution.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+
+from .._typing import PyTree
+from ._linear import SolveInfo, plain, solve_normal_cg
+
+__all__ = ["ImplicitSolveWarning", "custom_fixed_point", "custom_root"]
+
+_POLICIES = ("warn", "raise", "ignore")
+
+
+class ImplicitSolveWarning(RuntimeWarning):
+    """The linear solve of an implicit gradient did not reach its tolerance."""
+
+
+def _is_diff(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def _detach(tree: PyTree) -> PyTree:
+    return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+class _Problem:
+    """Everything the backward pass needs that is not a tensor input of the autograd.Function."""
+
+    def __init__(self, root, sol_spec, args_spec, leaves, diff_idx):
+        self.root = root
+        self.sol_spec, self.args_spec = sol_spec, args_spec
+        self.leaves, self.diff_idx = leaves, diff_idx
+
+    def rebuild(self, diff_leaves) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        for i, x in zip(self.diff_idx, diff_leaves):
+            leaves[i] = x
+        return optree.tree_unflatten(self.args_spec, leaves)  # type: ignore[return-value]
+
+    def residual(self, sol_leaves, diff_leaves) -> PyTree:
+        args, kwargs = self.rebuild(diff_leaves)
+        sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
+        return self.root.optimality_fn(sol, *args, **kwargs)
+
+    def backward(self, sol_leaves, diff_leaves, cotangents, needs) -> list:
+        root = self.root
+        sol_leaves, diff_leaves = tuple(sol_leaves), tuple(diff_leaves)
+        v = optree.tree_unflatten(self.sol_spec, list(cotangents))
+        F_sol = lambda s: self.residual(optree.tree_leaves(s), diff_leaves)
+        sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
+        vjp_sol = torch.func.vjp(F_sol, sol)[1]
+
+        def matvec(w):  # J^T w
+            return vjp_sol(w)[0]
+
+        solve_kwargs = {}
+        if root.solve_takes_rmatvec:
+            zero = optree.tree_map(torch.zeros_like, v)
+
+            def rmatvec(w):  # J w, as the vjp of the linear map u -> J^T u (no forward mode)
+                return torch.func.vjp(matvec, zero)[1](w)[0]
+
+            solve_kwargs["rmatvec"] = rmatvec
+        out = root.solve(matvec, v, **solve_kwargs)
+        u, info = out if isinstance(out, tuple) else (out, None)
+        if info is not None:
+            root.report(info)
+        picked = [i for i, need in enumerate(needs) if need]
+        if not picked:
+            return [None] * len(diff_leaves)
+
+        def F_args(*chosen):
+            leaves = list(diff_leaves)
+            for i, x in zip(picked, chosen):
+                leaves[i] = x
+            return self.residual(sol_leaves, leaves)
+
+        vjp_args = torch.func.vjp(F_args, *[diff_leaves[i] for i in picked])[1]
+        grads = vjp_args(optree.tree_map(torch.neg, u))
+        result: list = [None] * len(diff_leaves)
+        for i, g in zip(picked, grads):
+            result[i] = g
+        return result
+
+
+class _Implicit(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(problem, n_sol, *tensors):
+        return tuple(t.clone() for t in tensors[:n_sol])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        problem, n_sol, *tensors = inputs
+        ctx.problem, ctx.n_sol = problem, n_sol
+        ctx.save_for_backward(*output, *tensors[n_sol:])
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        saved = ctx.saved_tensors
+        n = ctx.n_sol
+        needs = ctx.needs_input_grad[2 + n :]
+        grads = ctx.problem.backward(saved[:n], saved[n:], cotangents, needs)
+        return (None, None, *([None] * n), *grads)
+
+
+def _parameters(fn: Callable[..., Any]) -> Any:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+class _Root:
+    def __init__(self, call, optimality_fn, solver, solve, has_aux, if_not_converged, on_solve):
+        self.call = call
+        self.optimality_fn, self.solver, self.solve = optimality_fn, solver, solve
+        self.has_aux, self.if_not_converged, self.on_solve = has_aux, if_not_converged, on_solve
+        self.solve_takes_rmatvec = "rmatvec" in _parameters(solve)
+        self.signature: inspect.Signature | None
+        try:
+            self.signature = inspect.signature(optimality_fn)
+        except (TypeError, ValueError):  # a builtin without a signature: not checked
+            self.signature = None
+
+    def report(self, info: SolveInfo) -> None:
+        if self.on_solve is not None:
+            self.on_solve(SolveInfo(*(plain(x) for x in info)))
+        if self.if_not_converged == "ignore" or bool(plain(info.converged).all()):
+            return
+        worst = plain(info.residual).max().item()
+        iters = plain(info.iterations).max().item()
+        message = (
+            f"{self.call}: the linear solve of the implicit gradient stopped at residual "
+            f"{worst:.3g} after {iters} products without reaching its tolerance, so the gradient "
+            "is inaccurate. Raise the solver's maxiter, add ridge= (damping), or check that the "
+            "solver really converged (the optimality Jacobian must be invertible at the solution)."
+        )
+        if self.if_not_converged == "raise":
+            raise RuntimeError(message)
+        warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
+
+    def __call__(self, init, *args, **kwargs):
+        if self.signature is not None:
+            try:
+                self.signature.bind(init, *args, **kwargs)
+            except TypeError as e:
+                raise TypeError(
+                    f"{self.call}: the optimality function cannot be called as "
+                    f"optimality_fn(sol, *args, **kwargs) with the solver's arguments after init "
+                    f"({len(args)} positional: {sorted(kwargs)} by keyword): {e}. It must take the "
+                    "solution first, then exactly the solver's other arguments."
+                ) from None
+        out = self.solver(init, *_detach(args), **_detach(kwargs))
+        if self.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"{self.call}: has_aux=True, so the solver must return (solution, aux), got "
+                    f"{type(out).__name__}."
+                )
+            sol, aux = out
+        else:
+            sol, aux = out, None
+        sol_leaves, sol_spec = optree.tree_flatten(sol)
+        if not sol_leaves or not all(_is_diff(x) for x in sol_leaves):
+            raise TypeError(
+                f"{self.call}: the solver must return a pytree of floating-point tensors (the "
+                f"solution){', and aux' if self.has_aux else ''}, got {sol!r}."
+            )
+        sol_leaves = [x.detach() for x in sol_leaves]
+        leaves: list[Any]
+        leaves, args_spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
+        diff_idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
+        problem = _Problem(self, sol_spec, args_spec, leaves, diff_idx)
+        with torch.no_grad():
+            residual = problem.residual(sol_leaves, [leaves[i] for i in diff_idx])
+        res_leaves, res_spec = optree.tree_flatten(residual)
+        if res_spec != sol_spec or any(r.shape != s.shape for r, s in zip(res_leaves, sol_leaves)):
+            raise ValueError(
+                f"{self.call}: optimality_fn(sol, ...) must return a pytree of the solution's "
+                f"structure and shapes; the solution is {sol_spec} with shapes "
+                f"{[tuple(s.shape) for s in sol_leaves]}, the residual {res_spec} with shapes "
+                f"{[tuple(getattr(r, 'shape', ())) for r in res_leaves]}."
+            )
+        diff = [leaves[i] for i in diff_idx]
+        if not diff:  # nothing to differentiate: the plain solution
+            out_leaves = sol_leaves
+        else:
+            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), *sol_leaves, *diff))
+        sol = optree.tree_unflatten(sol_spec, out_leaves)
+        return (sol, aux) if self.has_aux else sol
+
+
+def _check_common(call, fn, solve, if_not_converged, on_solve):
+    if not callable(fn):
+        raise TypeError(f"{call}: expected a callable, got {type(fn).__name__}.")
+    if not callable(solve):
+        raise TypeError(
+            f"{call}: expected solve to be a linear solver solve(matvec, b) -> x or (x, info), "
+            f"such as metafunc.implicit.solve_cg, got {solve!r}."
+        )
+    if if_not_converged not in _POLICIES:
+        raise ValueError(
+            f"{call}: expected if_not_converged in {_POLICIES}, got {if_not_converged!r}."
+        )
+    if on_solve is not None and not callable(on_solve):
+        raise TypeError(f"{call}: expected on_solve to be callable or None, got {on_solve!r}.")
+
+
+def custom_root(
+    optimality_fn: Callable[..., PyTree],
+    solve: Callable[..., Any] = solve_normal_cg,
+    *,
+    has_aux: bool = False,
+    if_not_converged: str = "warn",
+    on_solve: Callable[[SolveInfo], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorates ``solver(init, *args, **kwargs) -> sol`` with implicit differentiation.
+
+    ``optimality_fn(sol, *args, **kwargs)`` is zero at the solution and returns a pytree of the
+    solution's structure (for a minimiser: the gradient of the objective). The decorated solver
+    runs ``solver`` on detached arguments (its iterations record no graph) and returns the same
+    solution, now differentiable with respect to every floating-point tensor in ``args`` and
+    ``kwargs`` (never ``init``) through the implicit function theorem. It works with
+    ``.backward()``, ``torch.autograd.grad`` (also ``create_graph=True``), ``torch.func.grad``,
+    ``jacrev`` and ``vmap``.
+
+    Args:
+        optimality_fn: ``F(sol, *args, **kwargs)``; checked against the solver's arguments at
+            call time.
+        solve: the linear solver for ``J^T u = v``, ``solve(matvec, b) -> x`` or ``(x, info)``;
+            one that takes ``rmatvec=`` receives ``w -> J w`` too. The default,
+            :func:`solve_normal_cg`, works for any invertible ``J``; use :func:`solve_cg` when
+            ``J`` is symmetric positive-definite (a Hessian), :func:`solve_dense` when small.
+            Configure with ``functools.partial(solve_cg, maxiter=20, ridge=1e-4)``.
+        has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through, not differentiated.
+        if_not_converged: ``"warn"`` (an :class:`ImplicitSolveWarning`), ``"raise"`` or
+            ``"ignore"`` when the linear solve misses its tolerance.
+        on_solve: called with the :class:`SolveInfo` of every backward solve (plain tensors;
+            under ``vmap`` one entry per task), for diagnostics.
+
+    Example: the real root of ``a x^3 - x - 2``, whose derivative in ``a`` is ``-x^3 / (3 a x^2 -
+    1)``.
+
+        >>> import torch
+        >>> from metafunc.implicit import custom_root
+        >>> F = lambda x, a: a * x**3 - x - 2
+        >>> @custom_root(F)
+        ... def cube_root(x, a):
+        ...     for _ in range(50):  # Newton
+        ...         x = x - F(x, a) / (3 * a * x**2 - 1)
+        ...     return x
+        >>> a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> x = cube_root(torch.tensor(1.0, dtype=torch.float64), a)
+        >>> (dx,) = torch.autograd.grad(x, a, create_graph=True)
+        >>> round(x.item(), 10), round(dx.item(), 10)
+        (1.5213797068, -0.5924469933)
+        >>> round(torch.autograd.grad(dx, a)[0].item(), 10)
+        0.8451995734
+    """
+    call = "custom_root(optimality_fn, solve=...)"
+    _check_common(call, optimality_fn, solve, if_not_converged, on_solve)
+
+    def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(solver):
+            raise TypeError(f"{call}(solver): expected a callable, got {type(solver).__name__}.")
+        name = getattr(solver, "__name__", "solver")
+        root = _Root(
+            f"custom_root(...)({name})",
+            optimality_fn,
+            solver,
+            solve,
+            has_aux,
+            if_not_converged,
+            on_solve,
+        )
+
+        @functools.wraps(solver)
+        def wrapped(init, *args, **kwargs):
+            return root(init, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(
+    fixed_point_fn: Callable[..., PyTree],
+    solve: Callable[..., Any] = solve_normal_cg,
+    *,
+    has_aux: bool = False,
+    if_not_converged: str = "warn",
+    on_solve: Callable[[SolveInfo], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """:func:`custom_root` for a solver of ``x = T(x, *args, **kwargs)``.
+
+    The optimality function is ``T(x, ...) - x``. Example: ``x = cos(a x)``.
+
+        >>> import torch
+        >>> from metafunc.implicit import custom_fixed_point
+        >>> T = lambda x, a: torch.cos(a * x)
+        >>> @custom_fixed_point(T)
+        ... def iterate(x, a):
+        ...     for _ in range(200):
+        ...         x = T(x, a)
+        ...     return x
+        >>> a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> x = iterate(torch.tensor(0.0, dtype=torch.float64), a)
+        >>> (dx,) = torch.autograd.grad(x, a)
+        >>> s = torch.sin(a * x)  # x = cos(a x)  =>  dx/da = -s x / (1 + s a)
+        >>> torch.allclose(dx, -s * x / (1 + s * a))
+        True
+    """
+    call = "custom_fixed_point(fixed_point_fn, solve=...)"
+    _check_common(call, fixed_point_fn, solve, if_not_converged, on_solve)
+
+    @functools.wraps(fixed_point_fn)
+    def optimality_fn(x, *args, **kwargs):
+        return optree.tree_map(torch.sub, fixed_point_fn(x, *args, **kwargs), x)
+
+    optimality_fn.__signature__ = inspect.signature(fixed_point_fn)  # type: ignore[attr-defined]
+    return custom_root(
+        optimality_fn,
+        solve,
+        has_aux=has_aux,
+        if_not_converged=if_not_converged,
+        on_solve=on_solve,
+    )
