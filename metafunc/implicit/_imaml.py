@@ -12,7 +12,7 @@ import torch
 from .._inner import inner_loop, stop_gradient
 from .._typing import Params, PyTree
 from ..optim._base import GradientTransformation
-from ._linear import SolveInfo, solve_cg
+from ._linear import SolveInfo, plain, solve_cg
 from ._root import custom_root
 
 __all__ = ["IMAMLResult", "imaml"]
@@ -100,6 +100,10 @@ def imaml(
             raise ValueError(
                 f"{call}: expected lam to be a positive number or 1-element floating tensor, "
                 f"got a {lam.dtype} tensor of shape {tuple(lam.shape)}."
+            )
+        if not bool((plain(lam) > 0).all()):
+            raise ValueError(
+                f"{call}: expected lam > 0 (the proximal strength), got {plain(lam).tolist()}."
             )
     elif not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
         raise ValueError(f"{call}: expected lam > 0 (the proximal strength), got {lam!r}.")

@@ -66,10 +66,10 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 
     For reading values (convergence tests, diagnostics) inside transforms; never for compute.
     """
-    t = t.detach()
-    while is_batchedtensor(t) or is_functorch_wrapped_tensor(t):
-        t = get_unwrapped(t)
-    return t.detach()
+    with torch._C._DisableFuncTorch():  # else detach() would wrap the result again
+        while is_batchedtensor(t) or is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+        return t.detach()
 
 
 def all_true(flag: torch.Tensor) -> bool:

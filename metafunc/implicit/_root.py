@@ -73,10 +73,11 @@ class _Problem:
 
         solve_kwargs = {}
         if root.solve_takes_rmatvec:
-            zero = optree.tree_map(torch.zeros_like, v)
 
-            def rmatvec(w):  # J w, as the vjp of the linear map u -> J^T u (no forward mode)
-                return torch.func.vjp(matvec, zero)[1](w)[0]
+            def rmatvec(w):  # J w, by forward mode
+                with warnings.catch_warnings():  # torch's jvp decompositions, loaded on first use
+                    warnings.filterwarnings("ignore", ".*torch.jit.script", DeprecationWarning)
+                    return torch.func.jvp(F_sol, (sol,), (w,))[1]
 
             solve_kwargs["rmatvec"] = rmatvec
         out = root.solve(matvec, v, **solve_kwargs)
