@@ -5,7 +5,7 @@ are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in ev
 :func:`inner_loop` differentiates through an inner optimisation and records it on a :class:`Tape`.
 """
 
-from . import implicit, optim
+from . import algorithms, data, implicit, optim
 from ._functional import FunctionalModel, functionalize
 from ._inner import InnerLoopResult, inner_loop, stop_gradient
 from ._norms import exact_norms
@@ -20,7 +20,9 @@ __all__ = [
     "InnerLoopResult",
     "Tape",
     "__version__",
+    "algorithms",
     "apply_updates",
+    "data",
     "exact_norms",
     "functionalize",
     "implicit",

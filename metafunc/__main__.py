@@ -1,10 +1,10 @@
-"""Command line: ``python -m metafunc quickstart [--steps N ...]``."""
+"""Command line: ``python -m metafunc {train,quickstart} [options]``."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("quickstart",)
+COMMANDS = ("train", "quickstart")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,10 +14,15 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"usage: python -m metafunc {{{','.join(COMMANDS)}}} [options]\n"
             f"python -m metafunc: expected a command, got {got}. "
-            "Try: python -m metafunc quickstart",
+            "Try: python -m metafunc train --algorithm maml --task sinusoid",
             file=sys.stderr,
         )
         raise SystemExit(2)
+    if argv[0] == "train":
+        from . import _train
+
+        _train.main(argv[1:])
+        return
     from . import _quickstart
 
     _quickstart.main(argv[1:])

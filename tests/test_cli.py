@@ -25,7 +25,8 @@ def test_quickstart_meta_learns():
 
 def test_readme_quickstart_snippet_runs_and_uses_public_names_only():
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", quickstart, flags=re.S)
     assert len(blocks) == 1
     code = blocks[0]
     assert len([line for line in code.splitlines() if line.strip()]) <= 30  # lines of code
@@ -42,7 +43,7 @@ def test_cli_rejects_missing_or_unknown_command(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
-    assert "expected a command, got nothing. Try: python -m metafunc quickstart" in (
+    assert "expected a command, got nothing. Try: python -m metafunc train" in (
         capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
