@@ -1,0 +1,103 @@
+"""Leap (Flennerhag et al. 2019): an initialisation that shortens the tasks' learning paths."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import optree
+import torch
+from torch.func import grad_and_value
+
+from .. import optim
+from .._inner import stop_gradient
+from .._typing import Params
+from ..optim._base import GradientTransformation, apply_updates
+from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+
+__all__ = ["Leap"]
+
+_METRICS = ("length", "energy")
+
+
+def _sq(tree) -> torch.Tensor:
+    return torch.stack([(x * x).sum() for x in optree.tree_leaves(tree)]).sum()
+
+
+def path_gradient(points, metric: str) -> Params:
+    """Leap's gradient for one task from its trajectory ``[(params_i, f_i, grad_i), ...]``."""
+    total: Any = optree.tree_map(torch.zeros_like, points[0][0])
+    for (p, f, g), (p_next, f_next, _) in itertools.pairwise(points):
+        dp = {k: p_next[k] - p[k] for k in p}
+        df = f_next - f
+        step = {k: -(dp[k] + df * g[k]) for k in p}
+        if metric == "length":
+            scale = 1 / torch.sqrt(_sq(dp) + df * df).clamp_min(1e-12)
+        else:
+            scale = torch.full_like(df, 2.0)
+        total = {k: total[k] + scale * step[k] for k in total}
+    return total
+
+
+class Leap(MetaLearner):
+    """Leap: the meta-objective is the length of each task's path on the loss surface.
+
+    A task's inner loop from ``theta_0 = meta["params"]`` visits ``theta_0 .. theta_K``; with
+    ``z_i = (theta_i, f(theta_i))`` (params and support loss) the objective is the path length
+    ``sum_i ||z_{i+1} - z_i||`` (``metric="length"``) or its energy ``sum_i ||z_{i+1} - z_i||^2``
+    (``"energy"``). As in the paper (Flennerhag et al. 2019, eq. 8), ``z_{i+1}`` is held fixed
+    and the Jacobian of ``theta_i`` in ``theta_0`` is taken as the identity, so a step's
+    gradient is ``-(dtheta_i + df_i grad f(theta_i))``, divided by ``||z_{i+1} - z_i||`` for the
+    length and times 2 for the energy, with ``dtheta_i = theta_{i+1} - theta_i`` and ``df_i =
+    f(theta_{i+1}) - f(theta_i)``. Needs first derivatives only.
+    """
+
+    name = "leap"
+
+    def __init__(
+        self,
+        model,
+        loss: str | LossFn = "mse",
+        *,
+        inner_lr: float = 0.01,
+        steps: int = 5,
+        inner_opt: GradientTransformation | None = None,
+        metric: str = "length",
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(model, loss, strategy=strategy)
+        call = "Leap(model, ...)"
+        _check_positive(call, "inner_lr", inner_lr)
+        _check_positive_int(call, "steps", steps)
+        if metric not in _METRICS:
+            raise ValueError(f"{call}: expected metric in {_METRICS}, got {metric!r}.")
+        self.steps, self.metric = steps, metric
+        self.inner_opt = optim.sgd(lr=inner_lr) if inner_opt is None else inner_opt
+
+    def trajectory(self, params: Params, support: Batch):
+        """``(params_i, f_i, grad_i)`` for ``i = 0..steps`` (no grad at the last point)."""
+        p = stop_gradient(dict(params))
+        state = self.inner_opt.init(p)
+        points = []
+        for _ in range(self.steps):
+            g, f = grad_and_value(self.data_loss)(p, support)
+            points.append((p, f.detach(), g))
+            updates, state = self.inner_opt.update(g, state, p)
+            p = apply_updates(p, updates)
+        points.append((p, self.data_loss(p, support).detach(), None))
+        return points
+
+    def adapt(self, meta, support: Batch) -> Params:
+        return stop_gradient(self.trajectory(meta["params"], support)[-1][0])
+
+    def meta_grad(self, meta, support: Batch, query: Batch):
+        def one(meta, support, query):
+            points = self.trajectory(meta["params"], support)
+            return path_gradient(points, self.metric), self.metrics(points[-1][0], query)
+
+        grads, metrics = self._map("leap", one)(meta, support, query)
+        out = {"params": optree.tree_map(lambda d: d.mean(0), grads)}
+        for key in meta:
+            if key != "params":
+                out[key] = optree.tree_map(torch.zeros_like, meta[key])
+        return out, metrics

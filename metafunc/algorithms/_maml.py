@@ -1,0 +1,176 @@
+"""The MAML family: MAML, first-order MAML, Meta-SGD, ANIL and MAML++'s pieces, one class."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import optim
+from .._inner import inner_loop, stop_gradient
+from .._tree import close_matches
+from .._typing import Params, PyTree
+from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+
+__all__ = ["MAML"]
+
+_LEARN_LR = (None, "per_param", "per_layer_per_step")
+
+
+def _check_step_weights(call: str, weights: Sequence[float] | None, steps: int):
+    """``steps`` non-negative floats, at least one positive (else there is no meta-loss)."""
+    if weights is None:
+        return None
+    weights = [float(w) for w in weights]
+    if len(weights) != steps or any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(
+            f"{call}: expected step_weights to be {steps} non-negative numbers (one per inner "
+            f"step), at least one positive; got {weights!r}."
+        )
+    return weights
+
+
+class MAML(MetaLearner):
+    """Model-agnostic meta-learning (Finn et al. 2017) and its variants.
+
+    Per task: ``steps`` SGD steps on the support set from the meta-parameters, then the query loss
+    at the adapted params; the meta-gradient is taken through the steps (second order) or
+    passed straight through (``first_order=True``, FOMAML).
+
+    Args:
+        model: the :class:`~metafunc.FunctionalModel`; ``init()`` uses its own parameters.
+        loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
+        inner_lr: the inner SGD learning rate (the initial value when it is learned).
+        steps: inner steps per task.
+        first_order: first-order MAML.
+        adapt: names of the params adapted in the inner loop (default all). ANIL (Raghu et al.
+            2020) adapts the head only: ``adapt=["head.weight", "head.bias"]``.
+        learn_lr: ``"per_param"``: Meta-SGD (Li et al. 2017), a learned learning rate for every
+            entry of every adapted param, in ``meta["lr"]``; ``"per_layer_per_step"``: MAML++
+            (Antoniou et al. 2019), one learned rate per adapted tensor and step.
+        step_weights: MAML++'s multi-step loss: the query loss is ``sum_t w_t L(params_t)`` over
+            the steps ``t = 1..steps`` (MAML++ anneals them towards the last step; build a new
+            learner with new weights, :meth:`with_step_weights`).
+        strategy: how tasks are batched, as in :func:`~metafunc.vmap_tasks`.
+    """
+
+    name = "maml"
+
+    def __init__(
+        self,
+        model,
+        loss: str | LossFn = "mse",
+        *,
+        inner_lr: float = 0.01,
+        steps: int = 1,
+        first_order: bool = False,
+        adapt: Collection[str] | None = None,
+        learn_lr: str | None = None,
+        step_weights: Sequence[float] | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(model, loss, strategy=strategy)
+        call = f"{type(self).__name__}(model, ...)"
+        _check_positive(call, "inner_lr", inner_lr)
+        _check_positive_int(call, "steps", steps)
+        if learn_lr not in _LEARN_LR:
+            raise ValueError(f"{call}: expected learn_lr in {_LEARN_LR}, got {learn_lr!r}.")
+        names = list(model.params)
+        if adapt is None:
+            adapt = names
+        elif isinstance(adapt, str) or not all(isinstance(a, str) for a in adapt):
+            raise TypeError(f"{call}: expected adapt to be a list of param names, got {adapt!r}.")
+        for a in adapt:
+            if a not in model.params:
+                raise ValueError(
+                    f"{call}: adapt names {a!r}, which is not a trainable param of the model"
+                    f"{close_matches(a, names)}. Params: {names}."
+                )
+        if not adapt:
+            raise ValueError(f"{call}: adapt is empty; name at least one param to adapt.")
+        step_weights = _check_step_weights(call, step_weights, steps)
+        self.inner_lr, self.steps, self.first_order = float(inner_lr), steps, bool(first_order)
+        self.adapted = [n for n in names if n in set(adapt)]
+        self.learn_lr, self.step_weights = learn_lr, step_weights
+
+    def with_step_weights(self, step_weights: Sequence[float] | None) -> MAML:
+        """A copy with other multi-step-loss weights (MAML++'s annealing)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._maps = {}
+        new.step_weights = _check_step_weights("MAML.with_step_weights", step_weights, self.steps)
+        return new
+
+    def init(self) -> dict[str, PyTree]:
+        """``{"params": model.params}``, plus ``{"lr": ...}`` when learning rates are learned."""
+        params = dict(self.model.params)
+        meta: dict[str, PyTree] = {"params": params}
+        if self.learn_lr == "per_param":
+            meta["lr"] = {
+                k: torch.full_like(params[k].detach(), self.inner_lr).requires_grad_()
+                for k in self.adapted
+            }
+        elif self.learn_lr == "per_layer_per_step":
+            meta["lr"] = {
+                k: torch.full(
+                    (self.steps,),
+                    self.inner_lr,
+                    dtype=params[k].dtype,
+                    device=params[k].device,
+                    requires_grad=True,
+                )
+                for k in self.adapted
+            }
+        return meta
+
+    def _opts(self, meta: Mapping[str, Any]):
+        if self.learn_lr is None:
+            return optim.sgd(lr=self.inner_lr)
+        lr = meta["lr"]
+        if self.learn_lr == "per_param":
+            return optim.sgd(lr=dict(lr))
+        return [optim.sgd(lr={k: lr[k][t] for k in self.adapted}) for t in range(self.steps)]
+
+    def _split(self, params: Params) -> tuple[Params, Params]:
+        fast = {k: params[k] for k in self.adapted}
+        rest = {k: v for k, v in params.items() if k not in fast}
+        return fast, rest
+
+    def _run(self, meta, support: Batch, first_order: bool, record: str):
+        fast, rest = self._split(meta["params"])
+
+        def inner(p, batch):
+            return self.data_loss({**rest, **p}, batch)
+
+        result = inner_loop(
+            inner,
+            fast,
+            self._opts(meta),
+            support,
+            steps=self.steps,
+            first_order=first_order,
+            record=record,
+        )
+        return result, rest
+
+    def task_loss(self, meta, support: Batch, query: Batch):
+        record = "all" if self.step_weights is not None else "endpoints"
+        result, rest = self._run(meta, support, self.first_order, record)
+        final = {**rest, **result.params}
+        metrics = self.metrics(final, query)
+        if self.step_weights is None:
+            loss = self.data_loss(final, query)
+        else:
+            terms = [
+                w * self.data_loss({**rest, **result.tape[t]}, query)
+                for t, w in enumerate(self.step_weights, start=1)
+                if w != 0
+            ]
+            loss = torch.stack(terms).sum()
+        metrics["support_loss_before"] = result.losses[0].detach()
+        return loss, metrics
+
+    def adapt(self, meta, support: Batch) -> Params:
+        result, rest = self._run(stop_gradient(dict(meta)), support, True, "none")
+        return stop_gradient({**rest, **result.params})

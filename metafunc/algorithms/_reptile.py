@@ -1,0 +1,65 @@
+"""Reptile (Nichol et al. 2018): move the initialisation towards each task's adapted params."""
+
+from __future__ import annotations
+
+import optree
+import torch
+
+from .. import optim
+from .._inner import inner_loop, stop_gradient
+from .._typing import Params
+from ..optim._base import GradientTransformation
+from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MetaLearner):
+    """Reptile: the meta-gradient of a task is ``theta - phi``, ``phi`` after ``steps`` inner steps.
+
+    With an outer SGD step of size ``epsilon`` this is Reptile's update ``theta += epsilon (phi -
+    theta)`` averaged over the meta-batch (the batched version of Nichol et al. 2018, Alg. 2). No
+    second derivatives and no graph through the inner loop. Tasks adapt on their support set.
+
+    Args:
+        inner_opt: the inner optimizer (default ``sgd(lr=inner_lr)``; the paper uses Adam).
+    """
+
+    name = "reptile"
+
+    def __init__(
+        self,
+        model,
+        loss: str | LossFn = "mse",
+        *,
+        inner_lr: float = 0.01,
+        steps: int = 5,
+        inner_opt: GradientTransformation | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(model, loss, strategy=strategy)
+        _check_positive("Reptile(model, ...)", "inner_lr", inner_lr)
+        _check_positive_int("Reptile(model, ...)", "steps", steps)
+        self.steps = steps
+        self.inner_opt = optim.sgd(lr=inner_lr) if inner_opt is None else inner_opt
+
+    def adapt(self, meta, support: Batch) -> Params:
+        params = stop_gradient(dict(meta["params"]))
+        result = inner_loop(
+            self.data_loss, params, self.inner_opt, support, steps=self.steps, record="none"
+        )
+        return stop_gradient(result.params)
+
+    def meta_grad(self, meta, support: Batch, query: Batch):
+        def one(meta, support, query):
+            phi = self.adapt(meta, support)
+            theta = stop_gradient(dict(meta["params"]))
+            delta = {k: theta[k] - phi[k] for k in theta}
+            return delta, self.metrics(phi, query)
+
+        deltas, metrics = self._map("reptile", one)(meta, support, query)
+        grads = {"params": optree.tree_map(lambda d: d.mean(0), deltas)}
+        for key in meta:
+            if key != "params":
+                grads[key] = optree.tree_map(torch.zeros_like, meta[key])
+        return grads, metrics

@@ -1,0 +1,170 @@
+"""WarpGrad (Flennerhag et al. 2020): warp layers, fixed while tasks adapt, precondition them."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection
+from typing import Any
+
+import optree
+import torch
+from torch.func import grad, grad_and_value
+
+from .._inner import stop_gradient
+from .._tree import close_matches
+from .._typing import Params
+from .._vmap import stack_tasks, vmap_tasks
+from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ._leap import path_gradient
+
+__all__ = ["WarpGrad"]
+
+
+class WarpGrad(MetaLearner):
+    """Warped gradient descent: meta-learned warp layers precondition the task layers' updates.
+
+    The model's params split into task params (adapted by SGD in the inner loop) and ``warp``
+    params (never adapted; a forward pass through them warps every task gradient). Following the
+    paper's Algorithm 2, each :meth:`meta_grad` call
+
+    1. adapts every task of the meta-batch for ``steps`` SGD steps on its support set from the
+       current initialisation, warp fixed, and adds the visited task params ``theta_k``
+       (``k < steps``), with the task's data, to a replay buffer of the last ``buffer_size``
+       points;
+    2. draws ``replay`` points from the buffer and returns the gradient, in the warp params, of
+       the WarpGrad objective ``mean L_query(theta_k - lr grad L_support(theta_k; w); w)``: one
+       warped step from each stored point, never backpropagating through a trajectory;
+    3. with ``leap_init=True`` (warp-Leap) also meta-learns the task params' initialisation by
+       :class:`Leap`'s gradient on the same trajectories; otherwise their gradient is zero.
+
+    The replay buffer is state (the one piece of state in metafunc's algorithms): ``buffer``
+    holds it and :meth:`state_dict` / :meth:`load_state_dict` save and restore it with a
+    training checkpoint. Sampling uses its own seeded generator.
+    """
+
+    name = "warpgrad"
+
+    def __init__(
+        self,
+        model,
+        loss: str | LossFn = "mse",
+        *,
+        warp: Collection[str],
+        inner_lr: float = 0.01,
+        steps: int = 5,
+        buffer_size: int = 1000,
+        replay: int = 32,
+        leap_init: bool = True,
+        seed: int = 0,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(model, loss, strategy=strategy)
+        call = "WarpGrad(model, ..., warp=...)"
+        _check_positive(call, "inner_lr", inner_lr)
+        for name, value in (("steps", steps), ("buffer_size", buffer_size), ("replay", replay)):
+            _check_positive_int(call, name, value)
+        names = list(model.params)
+        if isinstance(warp, str) or not all(isinstance(w, str) for w in warp):
+            raise TypeError(f"{call}: expected warp to be a list of param names, got {warp!r}.")
+        for w in warp:
+            if w not in model.params:
+                raise ValueError(
+                    f"{call}: warp names {w!r}, not a trainable param of the model"
+                    f"{close_matches(w, names)}. Params: {names}."
+                )
+        self.warp = [n for n in names if n in set(warp)]
+        self.task = [n for n in names if n not in set(warp)]
+        if not self.warp or not self.task:
+            raise ValueError(
+                f"{call}: WarpGrad needs both warp params and task params; got warp={self.warp} "
+                f"and task={self.task}."
+            )
+        self.inner_lr, self.steps = float(inner_lr), steps
+        self.replay, self.leap_init = replay, bool(leap_init)
+        self.buffer: deque[tuple[Params, Batch, Batch]] = deque(maxlen=buffer_size)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    # --------------------------------------------------------------------------- inner loop
+    def _task_loss(self, task_params: Params, warp: Params, batch: Batch) -> torch.Tensor:
+        return self.data_loss({**warp, **task_params}, batch)
+
+    def _step(self, task_params: Params, warp: Params, batch: Batch) -> Params:
+        g = grad(self._task_loss)(task_params, warp, batch)
+        return {k: task_params[k] - self.inner_lr * g[k] for k in task_params}
+
+    def _trajectory(self, meta: Any, support: Batch) -> list[Params]:
+        params = stop_gradient(dict(meta["params"]))
+        warp = {k: params[k] for k in self.warp}
+        theta = {k: params[k] for k in self.task}
+        points = [theta]
+        for _ in range(self.steps):
+            theta = stop_gradient(self._step(theta, warp, support))
+            points.append(theta)
+        return points
+
+    def adapt(self, meta: Any, support: Batch) -> Params:
+        params = stop_gradient(dict(meta["params"]))
+        warp = {k: params[k] for k in self.warp}
+        return {**warp, **self._trajectory(meta, support)[-1]}
+
+    # --------------------------------------------------------------------------- meta-gradient
+    def _collect(self, meta: Any, support: Batch, query: Batch):
+        def one(meta, support, query):
+            points = self._trajectory(meta, support)
+            warp = {k: meta["params"][k].detach() for k in self.warp}
+            final = {**warp, **points[-1]}
+            if self.leap_init:  # Leap on this warped trajectory: task params, warp fixed
+                path = []
+                for theta in points:
+                    g, f = grad_and_value(self._task_loss)(theta, warp, support)
+                    path.append((theta, f.detach(), g))
+                init = path_gradient(path, "length")
+            else:
+                init = {k: torch.zeros_like(v) for k, v in points[0].items()}
+            return points, init, self.metrics(final, query)
+
+        return self._map("warpgrad-collect", one)(meta, support, query)
+
+    def meta_grad(self, meta: Any, support: Batch, query: Batch):
+        points, init, metrics = self._collect(meta, support, query)
+        n_tasks = support[0].shape[0]
+        for i in range(n_tasks):
+            for k in range(self.steps):  # theta_0 .. theta_{K-1}: a warped step from each
+                theta = {name: points[k][name][i] for name in self.task}
+                task_s = (support[0][i], support[1][i])
+                task_q = (query[0][i], query[1][i])
+                self.buffer.append((theta, task_s, task_q))
+        picks = torch.randint(len(self.buffer), (self.replay,), generator=self._generator)
+        chosen = [self.buffer[int(j)] for j in picks]
+        thetas = stack_tasks([c[0] for c in chosen])
+        s_batch = stack_tasks([c[1] for c in chosen])
+        q_batch = stack_tasks([c[2] for c in chosen])
+        warp = {k: meta["params"][k] for k in self.warp}
+
+        def objective(warp, theta, support, query):
+            return self._task_loss(self._step(theta, warp, support), warp, query)
+
+        if "warpgrad-objective" not in self._maps:  # kept, so that strategy="auto" can decide
+            self._maps["warpgrad-objective"] = vmap_tasks(
+                objective, in_dims=(None, 0, 0, 0), strategy=self.strategy
+            )
+        losses = self._maps["warpgrad-objective"](warp, thetas, s_batch, q_batch)
+        warp_grads = torch.autograd.grad(losses.mean(), list(warp.values()))
+        grads: dict[str, Any] = {"params": {}}
+        init_grads = {k: init[k].mean(0) for k in self.task}
+        wg = dict(zip(warp, warp_grads))
+        grads["params"] = {k: wg[k] if k in wg else init_grads[k] for k in meta["params"]}
+        for key in meta:
+            if key != "params":
+                grads[key] = optree.tree_map(torch.zeros_like, meta[key])
+        metrics["warp_objective"] = losses.detach().mean().expand(n_tasks)
+        return grads, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The replay buffer and the sampling generator's state."""
+        return {"buffer": list(self.buffer), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.clear()
+        self.buffer.extend(state["buffer"])
+        self._generator.set_state(state["generator"])
