@@ -117,7 +117,7 @@ class MetaLearner:
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:
         """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``)."""
-        detached = meta
+        detached = optree.tree_map(lambda x: x.detach(), meta)
 
         def one(meta, support, query):
             return self.metrics(self.adapt(meta, support), query)

@@ -130,9 +130,10 @@ class WarpGrad(MetaLearner):
         n_tasks = support[0].shape[0]
         for i in range(n_tasks):
             for k in range(self.steps):  # theta_0 .. theta_{K-1}: a warped step from each
-                theta = {name: points[k][name][i] for name in self.task}
-                task_s = (support[0][i], support[1][i])
-                task_q = (query[0][i], query[1][i])
+                # copies: the buffer must not keep whole meta-batches alive, nor see them change
+                theta = {name: points[k][name][i].detach().clone() for name in self.task}
+                task_s = (support[0][i].clone(), support[1][i].clone())
+                task_q = (query[0][i].clone(), query[1][i].clone())
                 self.buffer.append((theta, task_s, task_q))
         picks = torch.randint(len(self.buffer), (self.replay,), generator=self._generator)
         chosen = [self.buffer[int(j)] for j in picks]
