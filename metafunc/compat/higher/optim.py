@@ -1,0 +1,320 @@
+"""higher's differentiable optimizers, as wrappers of :mod:`metafunc.optim`.
+
+A ``DifferentiableOptimizer`` reads a ``torch.optim`` optimizer's parameter groups (their
+hyperparameters) and steps a list of fast weights with
+the matching pure :mod:`metafunc.optim` optimizer, which follows ``torch.optim`` to float64
+round-off. Where higher 0.2.1 departs from ``torch.optim`` (its Adam with a small ``eps``, its
+RMSprop, crashes on parameters without a gradient), this layer follows ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optree
+import torch
+
+from ... import optim as mo
+from ...optim._base import apply_updates
+from .patch import FunctionalModule
+
+__all__ = [
+    "DifferentiableASGD",
+    "DifferentiableAdadelta",
+    "DifferentiableAdagrad",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdamax",
+    "DifferentiableNAdam",
+    "DifferentiableOptimizer",
+    "DifferentiableRAdam",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableSGD",
+    "get_diff_optim",
+    "register_optim",
+]
+
+# group keys of torch.optim that metafunc has no use for (implementation switches)
+_IGNORED = {"params", "foreach", "fused", "capturable", "differentiable", "initial_lr", "name"}
+
+
+class DifferentiableOptimizer:
+    """Steps fast weights differentiably with the hyperparameters of a ``torch.optim`` optimizer.
+
+    Args (as higher's):
+        other: the ``torch.optim`` optimizer whose parameter groups give the hyperparameters.
+        reference_params: the parameters ``other`` was built on, in the order of the fast weights
+            (``module.parameters()``).
+        fmodel: the ``monkeypatch``'d model whose fast weights :meth:`step` updates.
+        device: unused (the fast weights carry their device); accepted for higher's signature.
+        override: ``{hyperparameter: value}`` replacing the groups' values: a number or tensor
+            for every group, or (as higher requires) a list with one value for all groups or one
+            per group. Tensors that require grad are
+            learnable: the meta-gradient flows into them.
+        grad_callback: ``f(list of grads) -> list of grads`` applied before every step.
+        track_higher_grads: differentiate through the steps (``False``: every step's new
+            weights are detached, as in higher, so no meta-gradient crosses a step).
+    """
+
+    metafunc_optimizer: Callable[..., mo.GradientTransformation] = staticmethod(mo.sgd)
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[torch.Tensor],
+        fmodel: FunctionalModule | None = None,
+        device: Any = None,
+        override: dict[str, Any] | None = None,
+        grad_callback: Callable[[list], list] | None = None,
+        track_higher_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(other, torch.optim.Optimizer):
+            raise TypeError(f"{name}(other, ...): expected a torch.optim optimizer, got {other!r}.")
+        self.reference = list(reference_params)
+        self.fmodel, self.grad_callback = fmodel, grad_callback
+        self.track_higher_grads = bool(track_higher_grads)
+        group_of = {id(p): i for i, g in enumerate(other.param_groups) for p in g["params"]}
+        self.group = [group_of.get(id(p)) for p in self.reference]
+        self.param_groups = [
+            {k: v for k, v in g.items() if k != "params"} for g in other.param_groups
+        ]
+        self._accepted = set(inspect.signature(self.metafunc_optimizer).parameters)
+        for i, g in enumerate(self.param_groups):
+            unknown = set(g) - self._accepted - _IGNORED
+            unsupported = [k for k in unknown if g[k] not in (None, False)]
+            if unsupported:
+                raise ValueError(
+                    f"{name}: parameter group {i} sets {sorted(unsupported)}, which "
+                    f"metafunc.optim.{self.metafunc_optimizer.__name__} does not support."
+                )
+        if any(float(st.get("step", 0)) > 0 for st in other.state.values()):
+            raise ValueError(
+                f"{name}: the torch.optim optimizer already has state (it has taken steps); "
+                "the differentiable version starts from a fresh state. Build the inner-loop "
+                "optimizer anew for each task, as in higher's examples."
+            )
+        self._override = self._check_override(name, override)
+        self._other = other
+        self.state: Any = None
+
+    # hyperparameters -------------------------------------------------------------------------
+    def _check_override(self, call: str, override: dict[str, Any] | None) -> dict[str, Any]:
+        if override is None:
+            return {}
+        if not isinstance(override, dict):
+            raise TypeError(f"{call}: expected override to be a dict, got {override!r}.")
+        for key, value in override.items():
+            if key not in self._accepted:
+                raise ValueError(
+                    f"{call}: override names {key!r}, not a hyperparameter of "
+                    f"{self.metafunc_optimizer.__name__} ({sorted(self._accepted)})."
+                )
+            if isinstance(value, (list, tuple)) and key not in ("betas", "etas", "step_sizes"):
+                if len(value) not in (1, len(self.param_groups)):
+                    raise ValueError(
+                        f"{call}: override[{key!r}] has {len(value)} values for "
+                        f"{len(self.param_groups)} parameter group(s); give one for all groups "
+                        "or one per group."
+                    )
+        return dict(override)
+
+    def _group_value(self, key: str, gi: int, override: dict[str, Any]) -> Any:
+        if key in override:
+            value = override[key]
+            per_group = isinstance(value, (list, tuple)) and (
+                key not in ("betas", "etas", "step_sizes") or isinstance(value[0], (list, tuple))
+            )
+            if not per_group:
+                return value
+            return value[0] if len(value) == 1 else value[gi]
+        return self.param_groups[gi][key]
+
+    def _build(self, override: dict[str, Any]) -> mo.GradientTransformation:
+        used = [gi for gi in set(self.group) if gi is not None]
+        keys = set().union(*(self.param_groups[gi] for gi in used)) | set(override)
+        kwargs: dict[str, Any] = {}
+        for key in sorted(keys & self._accepted):
+            values = {gi: self._group_value(key, gi, override) for gi in used}
+            first = values[used[0]]
+            if all(_same(v, first) for v in values.values()):
+                kwargs[key] = first
+                continue
+            if isinstance(first, bool):
+                raise ValueError(
+                    f"{type(self).__name__}: parameter groups disagree on {key}={values}; "
+                    "metafunc needs one value for a switch."
+                )
+            if isinstance(first, (list, tuple)):  # betas: a pytree per component
+                kwargs[key] = tuple(
+                    {str(i): values[gi][c] for i, gi in enumerate(self.group) if gi is not None}
+                    for c in range(len(first))
+                )
+            else:
+                kwargs[key] = {
+                    str(i): values[gi] for i, gi in enumerate(self.group) if gi is not None
+                }
+        return self.metafunc_optimizer(**kwargs)
+
+    # stepping -------------------------------------------------------------------------------
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.Tensor] | None = None,
+        override: dict[str, Any] | None = None,
+        grad_callback: Callable[[list], list] | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        """One differentiable step on ``loss``; returns (and gives ``fmodel``) the new weights.
+
+        Parameters without a gradient (unused by ``loss``, or outside every parameter group) are
+        left unchanged, with their optimizer state, as ``torch.optim`` leaves them.
+        """
+        call = f"{type(self).__name__}.step(loss, ...)"
+        if params is None:
+            if self.fmodel is None:
+                raise ValueError(
+                    f"{call}: no params given and no fmodel to take them from; pass params= or "
+                    "build the optimizer with fmodel=."
+                )
+            params = self.fmodel.fast_params
+        params = list(params)
+        if len(params) != len(self.reference):
+            raise ValueError(
+                f"{call}: expected {len(self.reference)} params (one per reference parameter), "
+                f"got {len(params)}."
+            )
+        active = [i for i, p in enumerate(params) if self.group[i] is not None and p.requires_grad]
+        raw = torch.autograd.grad(
+            loss,
+            [params[i] for i in active],
+            create_graph=self.track_higher_grads,
+            allow_unused=True,
+        )
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for i, g in zip(active, raw):
+            grads[i] = g
+        callback = grad_callback or self.grad_callback
+        if callback is not None:
+            grads = list(callback(grads))
+        keys = [str(i) for i in range(len(params))]
+        p_tree = dict(zip(keys, params))
+        g_tree = {
+            k: (g if g is not None else torch.zeros_like(p)) for k, g, p in zip(keys, grads, params)
+        }
+        opt = self._build({**self._override, **self._check_override(call, override)})
+        if self.state is None:
+            self.state = opt.init(p_tree)
+        updates, new_state = opt.update(g_tree, self.state, p_tree)
+        new = apply_updates(p_tree, updates)
+        skipped = {k for k, g in zip(keys, grads) if g is None}
+        if skipped:  # torch.optim skips them entirely: weights and their state stay
+            new = {k: (p_tree[k] if k in skipped else v) for k, v in new.items()}
+            new_state = _keep_state(self.state, new_state, skipped)
+        self.state = new_state
+        result = [new[k] for k in keys]
+        if not self.track_higher_grads:
+            result = [r.detach().requires_grad_(p.requires_grad) for r, p in zip(result, params)]
+        if self.fmodel is not None:
+            self.fmodel.update_params(result)
+        return result
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
+def _keep_state(old: Any, new: Any, skipped: set[str]) -> Any:
+    """``new`` with the entries of the skipped parameters taken from ``old``."""
+    old_paths, old_leaves, _ = optree.tree_flatten_with_path(old)
+    new_paths, new_leaves, spec = optree.tree_flatten_with_path(new)
+    lookup = dict(zip(old_paths, old_leaves))
+    merged = [
+        lookup[path] if any(k in skipped for k in path if isinstance(k, str)) else leaf
+        for path, leaf in zip(new_paths, new_leaves)
+    ]
+    return optree.tree_unflatten(spec, merged)
+
+
+def _make(name: str, fn: Callable[..., mo.GradientTransformation], doc: str):
+    cls = type(name, (DifferentiableOptimizer,), {"metafunc_optimizer": staticmethod(fn)})
+    cls.__doc__ = (
+        f"{doc}, differentiable (higher's ``{name}``), via ``metafunc.optim.{fn.__name__}``."
+    )
+    return cls
+
+
+DifferentiableSGD = _make("DifferentiableSGD", mo.sgd, "torch.optim.SGD")
+DifferentiableAdam = _make("DifferentiableAdam", mo.adam, "torch.optim.Adam")
+DifferentiableAdamW = _make("DifferentiableAdamW", mo.adamw, "torch.optim.AdamW")
+DifferentiableAdamax = _make("DifferentiableAdamax", mo.adamax, "torch.optim.Adamax")
+DifferentiableNAdam = _make("DifferentiableNAdam", mo.nadam, "torch.optim.NAdam")
+DifferentiableRAdam = _make("DifferentiableRAdam", mo.radam, "torch.optim.RAdam")
+DifferentiableRMSprop = _make("DifferentiableRMSprop", mo.rmsprop, "torch.optim.RMSprop")
+DifferentiableAdagrad = _make("DifferentiableAdagrad", mo.adagrad, "torch.optim.Adagrad")
+DifferentiableAdadelta = _make("DifferentiableAdadelta", mo.adadelta, "torch.optim.Adadelta")
+DifferentiableRprop = _make("DifferentiableRprop", mo.rprop, "torch.optim.Rprop")
+DifferentiableASGD = _make("DifferentiableASGD", mo.asgd, "torch.optim.ASGD")
+
+_REGISTRY: dict[type, type] = {
+    torch.optim.SGD: DifferentiableSGD,
+    torch.optim.Adam: DifferentiableAdam,
+    torch.optim.AdamW: DifferentiableAdamW,
+    torch.optim.Adamax: DifferentiableAdamax,
+    torch.optim.NAdam: DifferentiableNAdam,
+    torch.optim.RAdam: DifferentiableRAdam,
+    torch.optim.RMSprop: DifferentiableRMSprop,
+    torch.optim.Adagrad: DifferentiableAdagrad,
+    torch.optim.Adadelta: DifferentiableAdadelta,
+    torch.optim.Rprop: DifferentiableRprop,
+    torch.optim.ASGD: DifferentiableASGD,
+}
+
+
+def register_optim(optim_type: type, diff_optim_type: type) -> None:
+    """Registers the differentiable class used by :func:`get_diff_optim` for ``optim_type``."""
+    if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
+        raise TypeError(
+            f"register_optim: expected a torch.optim.Optimizer subclass, got {optim_type!r}."
+        )
+    if not (
+        isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)
+    ):
+        raise TypeError(
+            f"register_optim: expected a DifferentiableOptimizer subclass, got {diff_optim_type!r}."
+        )
+    _REGISTRY[optim_type] = diff_optim_type
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[torch.Tensor],
+    fmodel: FunctionalModule | None = None,
+    device: Any = None,
+    override: dict[str, Any] | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """The differentiable version of ``opt`` (higher's ``get_diff_optim``)."""
+    cls = _REGISTRY.get(type(opt))
+    if cls is None:
+        known = sorted(t.__name__ for t in _REGISTRY)
+        raise ValueError(
+            f"get_diff_optim: no differentiable version of {type(opt).__name__} is registered "
+            f"(known: {known}); register one with register_optim(optim_type, diff_optim_type)."
+        )
+    return cls(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
