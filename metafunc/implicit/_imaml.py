@@ -8,12 +8,13 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+from torch.func import grad_and_value
 
-from .._inner import inner_loop, stop_gradient
+from .._inner import stop_gradient
 from .._typing import Params, PyTree
-from ..optim._base import GradientTransformation
+from ..optim._base import GradientTransformation, apply_updates
 from ._linear import SolveInfo, plain, solve_cg
-from ._root import custom_root
+from ._root import _check_common, _Root
 
 __all__ = ["IMAMLResult", "imaml"]
 
@@ -109,22 +110,31 @@ def imaml(
         raise ValueError(f"{call}: expected lam > 0 (the proximal strength), got {lam!r}.")
     if solve is None:
         solve = functools.partial(solve_cg, tol=1e-6, maxiter=100)
+    _check_common(call, loss_fn, solve, if_not_converged, on_solve)
 
-    def regularised(phi, theta, batch, lam):
-        return loss_fn(phi, batch) + 0.5 * lam * _sq_dist(phi, theta)
+    # The proximal term is differentiated in closed form (lam * (phi - theta)), not by autograd:
+    # the inner steps and the optimality function cost one gradient of loss_fn each.
+    loss_grad = grad_and_value(loss_fn)
 
     def optimality(phi, theta, batch, lam):
-        return torch.func.grad(regularised)(phi, theta, batch, lam)
+        g = torch.func.grad(loss_fn)(phi, batch)
+        return {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
 
-    @custom_root(
-        optimality, solve, has_aux=True, if_not_converged=if_not_converged, on_solve=on_solve
-    )
     def solver(init, theta, batch, lam):
-        inner = lambda phi, b: regularised(phi, theta, b, lam)
-        r = inner_loop(inner, init, opt, batch, steps=steps, record="none")
-        g = optimality(stop_gradient(r.params), theta, batch, lam)
+        phi, state = init, opt.init(init)
+        losses = []
+        for _ in range(steps):
+            g, value = loss_grad(phi, batch)
+            g = {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
+            losses.append(value + 0.5 * lam * _sq_dist(phi, theta))
+            updates, state = opt.update(g, state, phi)
+            phi = apply_updates(phi, updates)
+        g = optimality(phi, theta, batch, lam)
         norm = torch.stack([(x * x).sum() for x in optree.tree_leaves(g)]).sum().sqrt()
-        return stop_gradient(r.params), (r.losses.detach(), norm.detach())
+        return stop_gradient(phi), (torch.stack(losses).detach(), norm.detach())
 
-    phi, (losses, grad_norm) = solver(stop_gradient(params), params, batch, lam)
+    root = _Root(
+        "imaml(...)", optimality, solver, solve, True, if_not_converged, on_solve, check=False
+    )
+    phi, (losses, grad_norm) = root(stop_gradient(params), params, batch, lam)
     return IMAMLResult(phi, losses, grad_norm)

@@ -132,8 +132,10 @@ def _parameters(fn: Callable[..., Any]) -> Any:
 
 
 class _Root:
-    def __init__(self, call, optimality_fn, solver, solve, has_aux, if_not_converged, on_solve):
-        self.call = call
+    def __init__(
+        self, call, optimality_fn, solver, solve, has_aux, if_not_converged, on_solve, check=True
+    ):
+        self.call, self.check = call, check
         self.optimality_fn, self.solver, self.solve = optimality_fn, solver, solve
         self.has_aux, self.if_not_converged, self.on_solve = has_aux, if_not_converged, on_solve
         self.solve_takes_rmatvec = "rmatvec" in _parameters(solve)
@@ -192,8 +194,19 @@ class _Root:
         leaves, args_spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
         diff_idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
         problem = _Problem(self, sol_spec, args_spec, leaves, diff_idx)
+        if self.check:  # one evaluation of F, so that a wrong F fails here, not in backward
+            self._check_residual(problem, sol_spec, sol_leaves, [leaves[i] for i in diff_idx])
+        diff = [leaves[i] for i in diff_idx]
+        if not diff:  # nothing to differentiate: the plain solution
+            out_leaves = sol_leaves
+        else:
+            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), *sol_leaves, *diff))
+        sol = optree.tree_unflatten(sol_spec, out_leaves)
+        return (sol, aux) if self.has_aux else sol
+
+    def _check_residual(self, problem, sol_spec, sol_leaves, diff) -> None:
         with torch.no_grad():
-            residual = problem.residual(sol_leaves, [leaves[i] for i in diff_idx])
+            residual = problem.residual(sol_leaves, diff)
         res_leaves, res_spec = optree.tree_flatten(residual)
         if res_spec != sol_spec or any(r.shape != s.shape for r, s in zip(res_leaves, sol_leaves)):
             raise ValueError(
@@ -202,13 +215,6 @@ class _Root:
                 f"{[tuple(s.shape) for s in sol_leaves]}, the residual {res_spec} with shapes "
                 f"{[tuple(getattr(r, 'shape', ())) for r in res_leaves]}."
             )
-        diff = [leaves[i] for i in diff_idx]
-        if not diff:  # nothing to differentiate: the plain solution
-            out_leaves = sol_leaves
-        else:
-            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), *sol_leaves, *diff))
-        sol = optree.tree_unflatten(sol_spec, out_leaves)
-        return (sol, aux) if self.has_aux else sol
 
 
 def _check_common(call, fn, solve, if_not_converged, on_solve):

@@ -3,7 +3,7 @@
 higher is archived; this layer gives its API (``innerloop_ctx``, ``monkeypatch``,
 ``get_diff_optim``, ``optim.Differentiable*``, ``register_optim``) on metafunc's core, with the
 same meaning of every option, and ``torch.optim``'s numbers where higher 0.2.1 departs from them
-(its Adam at small ``eps``, its RMSprop, its crash on parameters without a gradient).
+(its Adam at small ``eps``, its RMSprop, which warns that its gradients may be wrong).
 
 The one option to understand is ``copy_initial_weights`` (default ``True``): it makes the fast
 weights start from *detached copies*, so **the model's own parameters get no meta-gradient**.

@@ -35,15 +35,19 @@ class FunctionalModule:
     """What ``monkeypatch`` returns: the module run with a list of fast weights.
 
     ``fmodel(x, params=None)`` runs the module with ``params`` (default :attr:`fast_params`);
-    BatchNorm running statistics in training mode are written into the module's buffers in
-    place, as higher and ``torch.nn`` do. Differentiable optimizers append new fast weights with
-    :meth:`update_params`; :meth:`parameters` with ``time=t`` returns those after step ``t``
-    (kept only while ``track_higher_grads`` is true, as in higher).
+    as in higher, ``params`` given there become the current fast weights. The buffers are
+    copies of the module's, made once, as in higher: BatchNorm running statistics updated in
+    the inner loop never reach the module. The training modes are those of the module's
+    submodules when patched; ``fmodel.train()``/``eval()`` change them here, not in the module.
+    Differentiable optimizers append new fast weights with :meth:`update_params`;
+    :meth:`parameters` with ``time=t`` returns those after step ``t`` (kept only while
+    ``track_higher_grads`` is true, as in higher).
     """
 
     def __init__(self, module: nn.Module, fast: list[torch.Tensor], track_higher_grads: bool):
         self.module = module
         self._fm: FunctionalModel = functionalize(module)
+        self._fm.buffers = {k: b.detach().clone() for k, b in self._fm.buffers.items()}
         self.names = [name for name, _ in module.named_parameters()]
         self._history: list[list[torch.Tensor]] = [fast]
         self._track = bool(track_higher_grads)
@@ -103,13 +107,16 @@ class FunctionalModule:
 
     # running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any):
-        values = self.fast_params if params is None else list(params)
-        if len(values) != len(self.names):
-            raise ValueError(
-                f"fmodel(..., params=...): expected {len(self.names)} tensors in "
-                f"module.parameters() order, got {len(values)}."
-            )
-        fm = self._fm.train(self.module.training)
+        if params is not None:  # as in higher, they become the current fast weights
+            params = list(params)
+            if len(params) != len(self.names):
+                raise ValueError(
+                    f"fmodel(..., params=...): expected {len(self.names)} tensors in "
+                    f"module.parameters() order, got {len(params)}."
+                )
+            self.update_params(params)
+        values = self.fast_params
+        fm = self._fm
         named = dict(zip(self.names, values))
         if not fm.buffers:
             return fm(named, *args, **kwargs)
@@ -122,8 +129,13 @@ class FunctionalModule:
 
     __call__ = forward
 
+    @property
+    def training(self) -> bool:
+        return self._fm.training
+
     def train(self, mode: bool = True) -> FunctionalModule:
-        self.module.train(mode)
+        """Sets every submodule's training mode here (the module itself is not changed)."""
+        self._fm = self._fm.train(mode)
         return self
 
     def eval(self) -> FunctionalModule:
