@@ -11,7 +11,7 @@ import torch
 from torch.func import grad_and_value
 
 from .._inner import stop_gradient
-from .._typing import Params, PyTree
+from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
 from ._linear import SolveInfo, plain, solve_cg
 from ._root import _check_common, _Root
@@ -25,7 +25,8 @@ class IMAMLResult(NamedTuple):
     Attributes:
         params: the adapted params ``phi*``, differentiable in the initial params (and ``lam`` if
             it is a tensor) through the implicit function theorem.
-        losses: the regularised inner loss before each inner step, shape ``(steps,)``.
+        losses: the task loss ``loss_fn`` (without the proximal term, which costs as much again
+            to evaluate) before each inner step, shape ``(steps,)``.
         grad_norm: the norm of the regularised loss's gradient at ``phi*`` (0 at an exact
             minimiser): how well the inner problem was solved, which the implicit gradient assumes.
     """
@@ -33,11 +34,6 @@ class IMAMLResult(NamedTuple):
     params: Params
     losses: torch.Tensor
     grad_norm: torch.Tensor
-
-
-def _sq_dist(a: PyTree, b: PyTree) -> torch.Tensor:
-    terms = [((x - y) ** 2).sum() for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b))]
-    return torch.stack(terms).sum()
 
 
 def imaml(
@@ -69,7 +65,8 @@ def imaml(
         batch: the task's training data, used at every inner step.
         lam: the proximal strength ``lambda`` (> 0); a tensor gets a meta-gradient too.
         steps: inner optimisation steps.
-        solve: the linear solver for ``(H + lam I) u = lam v``; default
+        solve: the linear solver for ``(H + lam I) u = v`` (``v`` the cotangent of ``phi*``; the
+            meta-gradient is ``lam u``); default
             ``functools.partial(solve_cg, tol=1e-6, maxiter=100)`` (``H + lam I`` is symmetric;
             positive-definite near a minimum).
         if_not_converged, on_solve: as in :func:`custom_root`; ``on_solve`` gets per-task
@@ -126,7 +123,7 @@ def imaml(
         for _ in range(steps):
             g, value = loss_grad(phi, batch)
             g = {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
-            losses.append(value + 0.5 * lam * _sq_dist(phi, theta))
+            losses.append(value)
             updates, state = opt.update(g, state, phi)
             phi = apply_updates(phi, updates)
         g = optimality(phi, theta, batch, lam)
