@@ -28,6 +28,15 @@ from . import algorithms, data
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad")
 TASKS = ("sinusoid", "glyphs", "omniglot")
 _Z95 = 1.959963984540054
+# the fixed val/test tasks' generator seeds: far from the small --seed values people use, so that
+# sinusoid's held-out tasks never come from the training tasks' stream (there is no class split)
+_VAL_SEED, _TEST_SEED = 2_000_000_011, 2_000_000_029
+# flags that a resumed run must share with its checkpoint (they decide the run or its test tasks)
+_RESUME_KEYS = (
+    "algorithm", "task", "seed", "meta_batch", "inner_steps", "inner_lr", "outer_lr",
+    "first_order", "lam", "shots", "queries", "ways", "hidden", "classes", "data_seed",
+    "eval_tasks",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- models
@@ -108,15 +117,28 @@ class Tasks:
                     "holds images_background/ and images_evaluation/ (or one of them). There is "
                     "no download; use --task glyphs for a built-in image task."
                 )
-            dataset = data.load_omniglot(args.data_path)
+            try:
+                dataset = data.load_omniglot(args.data_path)
+            except (OSError, ValueError, ImportError) as e:
+                raise SystemExit(
+                    f"python -m metafunc train: --data-path {args.data_path}: {e}"
+                ) from None
             sizes = (0.6, 0.1, 0.3)
         splits = data.split_classes(dataset, sizes, seed=args.data_seed)
-        self.samplers = {
-            name: data.EpisodeSampler(
-                dataset, classes, ways=args.ways, shots=args.shots, queries=args.queries
-            )
-            for name, classes in zip(("train", "val", "test"), splits)
-        }
+        self.samplers = {}
+        for name, classes in zip(("train", "val", "test"), splits):
+            try:
+                self.samplers[name] = data.EpisodeSampler(
+                    dataset, classes, ways=args.ways, shots=args.shots, queries=args.queries
+                )
+            except ValueError as e:
+                more = "raise --classes" if args.task == "glyphs" else "use more characters"
+                raise SystemExit(
+                    f"python -m metafunc train: the meta-{name} split has {len(classes)} of the "
+                    f"{dataset.num_classes} classes and cannot give --ways {args.ways} --shots "
+                    f"{args.shots} --queries {args.queries} episodes ({e}). Lower --ways, "
+                    f"--shots or --queries, or {more}."
+                ) from None
 
     def sample(self, split: str, n: int, generator: torch.Generator, device) -> data.Episode:
         if self.kind == "sinusoid":
@@ -239,7 +261,7 @@ def _plot(path: Path, history: dict, learner, meta, tasks: Tasks, device, title:
     ax.legend()
     if sinusoid:
         ax = axes[1]
-        generator = torch.Generator().manual_seed(2024)
+        generator = torch.Generator().manual_seed(_TEST_SEED)
         episode = tasks.sample("test", 1, generator, device)
         x = torch.linspace(-5, 5, 200, device=device).reshape(1, -1, 1)
         params = learner.adapt(optree.tree_map(lambda t: t[0], _task0(meta)), _first(episode))
@@ -318,13 +340,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--resume first, or point --out at the run's folder."
             )
         resumed = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key in ("algorithm", "task", "seed", "meta_batch", "inner_steps", "shots"):
-            if resumed["args"][key] != getattr(args, key):
+        for key in _RESUME_KEYS:
+            if resumed["args"].get(key) != getattr(args, key):
                 raise SystemExit(
                     f"python -m metafunc train --resume: the checkpoint was made with "
-                    f"--{key.replace('_', '-')} {resumed['args'][key]}, this run asks for "
-                    f"{getattr(args, key)}. Resume with the same settings."
+                    f"{_flag(key, resumed['args'].get(key))}, this run asks for "
+                    f"{_flag(key, getattr(args, key))}. Resume with the same settings, or "
+                    "start a new run in another --out."
                 )
+        if args.strategy not in ("auto", resumed["strategy"]):
+            raise SystemExit(
+                f"python -m metafunc train --resume: the checkpoint was made with --strategy "
+                f"{resumed['strategy']}, this run asks for --strategy {args.strategy}. Resume "
+                f"with --strategy {resumed['strategy']} (or auto)."
+            )
+        if resumed["step"] > args.steps:
+            raise SystemExit(
+                f"python -m metafunc train --resume: the checkpoint is at step "
+                f"{resumed['step']}, past --steps {args.steps}. Pass --steps {resumed['step']} "
+                "or more."
+            )
         strategy = resumed["strategy"]
     else:
         strategy = _choose_strategy(args, fm, model, tasks, device)
@@ -354,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     before = None
     if start == 0:
-        before = _evaluate(learner, meta, tasks, "test", args.eval_tasks, 1, device, 100)
+        before = _evaluate(learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100)
     else:
         before = resumed["before"] if resumed else None
     progress = Progress(args.steps, start, enabled=not args.quiet)
@@ -391,7 +426,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history["step"].append(step)
         history["meta_loss"].append(smooth)
         if step % args.eval_every == 0 or step == args.steps:
-            val = _evaluate(learner, meta, tasks, "val", args.val_tasks, 2, device, 100)
+            val = _evaluate(learner, meta, tasks, "val", args.val_tasks, _VAL_SEED, device, 100)
             history["val_step"].append(step)
             history["val_loss"].append(val["loss"].mean().item())
             val_text = f"val loss {history['val_loss'][-1]:.3f}"
@@ -402,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             checkpoint(step)
         progress.update(step, f"meta-loss {smooth:.3f} {val_text}")
     seconds += time.perf_counter() - t0
-    final = _evaluate(learner, meta, tasks, "test", args.eval_tasks, 1, device, 100)
+    final = _evaluate(learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100)
     results: dict[str, Any] = {
         "algorithm": args.algorithm,
         "task": args.task,
@@ -430,6 +465,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _flag(key: str, value: Any) -> str:
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    return f"{name} {value}"
+
+
 def _print_table(results: dict, out: Path, plotted: bool) -> None:
     n = results["test_after"]["loss"]["n"]
     print(f"\n{results['algorithm']} on {results['task']}: {results['meta_steps']} meta-steps in "
@@ -448,13 +490,15 @@ def _print_table(results: dict, out: Path, plotted: bool) -> None:
 
 # ----------------------------------------------------------------------------------- parser
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    noun = "integer" if kind is int else "number"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}") from None
+        if not value > 0:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -519,8 +563,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device torch knows; use cpu, cuda or cuda:1, ...")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.eval_tasks < 2:
+        p.error("--eval-tasks must be at least 2, for a 95 % confidence interval")
     if args.task != "sinusoid" and args.ways < 2:
         p.error("--ways must be at least 2 for classification")
     return args

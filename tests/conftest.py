@@ -8,9 +8,9 @@ import os
 # small-tensor meta-learning loops 10-27x slower (measured); passive waiting costs nothing here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
