@@ -7,6 +7,7 @@ Every run writes to ``--out`` (default ``runs/<algorithm>-<task>-seed<seed>``): 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from torch import nn
 
 import metafunc
 
-from . import algorithms, data
+from . import algorithms, data, implicit
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad")
 TASKS = ("sinusoid", "glyphs", "omniglot")
@@ -34,7 +35,7 @@ _VAL_SEED, _TEST_SEED = 2_000_000_011, 2_000_000_029
 # flags that a resumed run must share with its checkpoint (they decide the run or its test tasks)
 _RESUME_KEYS = (
     "algorithm", "task", "seed", "meta_batch", "inner_steps", "inner_lr", "outer_lr",
-    "first_order", "lam", "shots", "queries", "ways", "hidden", "classes", "data_seed",
+    "first_order", "lam", "cg_steps", "shots", "queries", "ways", "hidden", "classes", "data_seed",
     "eval_tasks",
 )  # fmt: skip
 
@@ -123,7 +124,10 @@ class Tasks:
                 raise SystemExit(
                     f"python -m metafunc train: --data-path {args.data_path}: {e}"
                 ) from None
-            sizes = (0.6, 0.1, 0.3)
+            # Vinyals et al. 2016: 1200 characters for meta-training (here 1100 + 100 for
+            # validation), the rest for testing; a character's rotations stay together
+            n_chars = len(set(dataset.class_groups or range(dataset.num_classes)))
+            sizes = (1100, 100, None) if n_chars > 1300 else (0.6, 0.1, 0.3)
         splits = data.split_classes(dataset, sizes, seed=args.data_seed)
         self.samplers = {}
         for name, classes in zip(("train", "val", "test"), splits):
@@ -173,13 +177,15 @@ def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy
     if a == "imaml":
         return algorithms.IMAML(
             fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, lam=args.lam,
+            solve=functools.partial(implicit.solve_cg, maxiter=args.cg_steps),
             if_not_converged="ignore", **common,
         )  # fmt: skip
     if a == "leap":
         return algorithms.Leap(fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, **common)
     return algorithms.WarpGrad(
         fm, loss, warp=_warp_names(model, args.task), inner_lr=args.inner_lr,
-        steps=args.inner_steps, seed=args.seed, **common,
+        steps=args.inner_steps, seed=args.seed,
+        buffer_size=1000 if args.task == "sinusoid" else 200, **common,
     )  # fmt: skip
 
 
@@ -520,6 +526,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outer-lr", type=_positive(float), default=1e-3)
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradient")
     p.add_argument("--lam", type=_positive(float), default=2.0, help="iMAML's proximal strength")
+    p.add_argument(
+        "--cg-steps", type=_positive(int), default=5, help="iMAML's conjugate-gradient steps"
+    )
     p.add_argument("--shots", type=_positive(int), default=None, help="support examples")
     p.add_argument("--queries", type=_positive(int), default=None, help="query examples")
     p.add_argument("--ways", type=_positive(int), default=5, help="classes per episode (images)")
