@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._functional import FunctionalModel
+from .._tree import close_matches
 from .._typing import Params, PyTree
 from .._vmap import vmap_tasks
 
@@ -35,6 +36,20 @@ def resolve_loss(call: str, loss: str | LossFn) -> LossFn:
 def _check_positive_int(call: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{call}: expected {name} to be a positive int, got {value!r}.")
+
+
+def _check_param_names(call: str, what: str, names: Any, model: FunctionalModel) -> list[str]:
+    """``names`` (a list of the model's trainable param names), in the model's order."""
+    known = list(model.params)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{call}: expected {what} to be a list of param names, got {names!r}.")
+    for n in names:
+        if n not in model.params:
+            raise ValueError(
+                f"{call}: {what} names {n!r}, which is not a trainable param of the model"
+                f"{close_matches(n, known)}. Params: {known}."
+            )
+    return [n for n in known if n in set(names)]
 
 
 def _check_positive(call: str, name: str, value: Any) -> None:

@@ -9,9 +9,15 @@ import torch
 
 from .. import optim
 from .._inner import inner_loop, stop_gradient
-from .._tree import close_matches
 from .._typing import Params, PyTree
-from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ._base import (
+    Batch,
+    LossFn,
+    MetaLearner,
+    _check_param_names,
+    _check_positive,
+    _check_positive_int,
+)
 
 __all__ = ["MAML"]
 
@@ -77,16 +83,7 @@ class MAML(MetaLearner):
         if learn_lr not in _LEARN_LR:
             raise ValueError(f"{call}: expected learn_lr in {_LEARN_LR}, got {learn_lr!r}.")
         names = list(model.params)
-        if adapt is None:
-            adapt = names
-        elif isinstance(adapt, str) or not all(isinstance(a, str) for a in adapt):
-            raise TypeError(f"{call}: expected adapt to be a list of param names, got {adapt!r}.")
-        for a in adapt:
-            if a not in model.params:
-                raise ValueError(
-                    f"{call}: adapt names {a!r}, which is not a trainable param of the model"
-                    f"{close_matches(a, names)}. Params: {names}."
-                )
+        adapt = names if adapt is None else _check_param_names(call, "adapt", adapt, model)
         if not adapt:
             raise ValueError(f"{call}: adapt is empty; name at least one param to adapt.")
         step_weights = _check_step_weights(call, step_weights, steps)

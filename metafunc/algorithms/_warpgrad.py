@@ -11,10 +11,16 @@ import torch
 from torch.func import grad, grad_and_value
 
 from .._inner import stop_gradient
-from .._tree import close_matches
 from .._typing import Params
 from .._vmap import stack_tasks, vmap_tasks
-from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ._base import (
+    Batch,
+    LossFn,
+    MetaLearner,
+    _check_param_names,
+    _check_positive,
+    _check_positive_int,
+)
 from ._leap import path_gradient
 
 __all__ = ["WarpGrad"]
@@ -64,15 +70,7 @@ class WarpGrad(MetaLearner):
         for name, value in (("steps", steps), ("buffer_size", buffer_size), ("replay", replay)):
             _check_positive_int(call, name, value)
         names = list(model.params)
-        if isinstance(warp, str) or not all(isinstance(w, str) for w in warp):
-            raise TypeError(f"{call}: expected warp to be a list of param names, got {warp!r}.")
-        for w in warp:
-            if w not in model.params:
-                raise ValueError(
-                    f"{call}: warp names {w!r}, not a trainable param of the model"
-                    f"{close_matches(w, names)}. Params: {names}."
-                )
-        self.warp = [n for n in names if n in set(warp)]
+        self.warp = _check_param_names(call, "warp", warp, model)
         self.task = [n for n in names if n not in set(warp)]
         if not self.warp or not self.task:
             raise ValueError(
