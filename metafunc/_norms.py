@@ -17,8 +17,7 @@ a vmapped model returns per-task running statistics.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import inspect
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -28,16 +27,26 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["buffer_updates", "exact_norms", "under_vmap"]
 
-_UPDATES: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.ContextVar(
-    "metafunc_buffer_updates", default=None
-)
-_BATCH_NORM = inspect.signature(F.batch_norm)
-_LAYER_NORM = inspect.signature(F.layer_norm)
-_INSTANCE_NORM = inspect.signature(F.instance_norm)
+
+class _State(threading.local):
+    """Per thread: the running-statistics updates of the innermost :func:`buffer_updates`, or None.
+    A thread-local rather than a ContextVar, which torch.compile cannot trace."""
+
+    def __init__(self) -> None:  # runs in each thread that uses it
+        self.updates: dict[int, torch.Tensor] | None = None
 
 
+_STATE = _State()
+
+
+@torch.compiler.assume_constant_result  # dynamo evaluates it while tracing (see the docstring)
 def under_vmap() -> bool:
-    """Whether the caller runs inside a ``torch.func.vmap`` transform."""
+    """Whether the caller runs inside a ``torch.func.vmap`` transform.
+
+    Under ``torch.compile`` the answer is taken as a constant of the trace: dynamo pushes the
+    transforms of the traced code onto the functorch stack while it traces, and guards on the
+    stack it was entered with.
+    """
     stack = get_interpreter_stack()
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
 
@@ -46,21 +55,22 @@ def under_vmap() -> bool:
 def buffer_updates() -> Iterator[dict[int, torch.Tensor]]:
     """Collects running-statistics updates made by the exact norms, keyed by ``id(buffer)``."""
     updates: dict[int, torch.Tensor] = {}
-    token = _UPDATES.set(updates)
+    previous = _STATE.updates
+    _STATE.updates = updates
     try:
         yield updates
     finally:
-        _UPDATES.reset(token)
+        _STATE.updates = previous
 
 
 def _current(buffer: torch.Tensor) -> torch.Tensor:
     """The latest value of a running statistic (a norm layer may run twice in one forward)."""
-    updates = _UPDATES.get()
+    updates = _STATE.updates
     return buffer if updates is None else updates.get(id(buffer), buffer)
 
 
 def _store(buffer: torch.Tensor, value: torch.Tensor) -> None:
-    updates = _UPDATES.get()
+    updates = _STATE.updates
     if updates is None:
         buffer.copy_(value)  # outside FunctionalModel.apply: behave like torch (in place)
     else:
@@ -147,17 +157,17 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 class _ExactNorms(TorchFunctionMode):
+    # The replacements have the parameter names and defaults of the torch functions (checked in
+    # tests/test_compile.py), so the call binds as torch's would; no inspect.Signature.bind, which
+    # torch.compile cannot trace.
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            bound = _BATCH_NORM.bind(*args, **kwargs)
-            return _batch_norm(**bound.arguments)
+            return _batch_norm(*args, **kwargs)
         if func is F.layer_norm:
-            bound = _LAYER_NORM.bind(*args, **kwargs)
-            return _layer_norm(**bound.arguments)
+            return _layer_norm(*args, **kwargs)
         if func is F.instance_norm:
-            bound = _INSTANCE_NORM.bind(*args, **kwargs)
-            return _instance_norm(**bound.arguments)
+            return _instance_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 

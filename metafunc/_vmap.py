@@ -74,10 +74,24 @@ def _rng_states() -> list[torch.Tensor]:
     return states
 
 
+def _broadcast_leaves(prefix: PyTree, tree: PyTree) -> list[Any]:
+    """``tree_leaves(tree_broadcast_prefix(prefix, tree))`` (None a leaf): the prefix's value for
+    each leaf of ``tree``. Not tree_broadcast_prefix itself, which torch.compile (2.13, optree
+    0.20) fails on: it unflattens a dict of constants (``ValueError: length mismatch``)."""
+    per_leaf = optree.tree_map(
+        lambda d, sub: [d] * optree.tree_structure(sub, none_is_leaf=True).num_leaves,
+        prefix,
+        tree,
+        none_is_leaf=True,
+    )
+    return [
+        d for ds in optree.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)) for d in ds
+    ]
+
+
 def _loop(func, in_dims, out_dims, randomness, args, kwargs):
     call = "vmap_tasks(func, strategy='loop')"
-    dims = optree.tree_broadcast_prefix(in_dims, args, none_is_leaf=True)
-    flat_dims = optree.tree_leaves(dims, none_is_leaf=True)
+    flat_dims = _broadcast_leaves(in_dims, args)
     flat_args, spec = optree.tree_flatten(args, none_is_leaf=True)
     n = _task_size(call, flat_args, flat_dims)
     rng = torch.random.get_rng_state() if randomness == "same" else None
@@ -109,9 +123,7 @@ def _loop(func, in_dims, out_dims, randomness, args, kwargs):
                     "same draws), or move the random op out of func."
                 )
     out_spec = optree.tree_structure(outs[0], none_is_leaf=True)
-    flat_out_dims = optree.tree_leaves(
-        optree.tree_broadcast_prefix(out_dims, outs[0], none_is_leaf=True), none_is_leaf=True
-    )
+    flat_out_dims = _broadcast_leaves(out_dims, outs[0])
     columns = zip(*[optree.tree_leaves(o, none_is_leaf=True) for o in outs])
     stacked = []
     for column, d in zip(columns, flat_out_dims):
@@ -159,6 +171,8 @@ class _TaskMap:
         if any(x.device.type != "cpu" for x in tensors):
             self.strategy = "vmap"  # accelerators: one batched kernel beats many small ones
             return self._run("vmap", args, kwargs)
+        if torch.compiler.is_compiling():  # one batched graph; timing a trace would mean nothing
+            return self._run("vmap", args, kwargs)
         # CPU: which is faster depends on the model (vmap ~8x faster for an MLP, 2-3x slower
         # for a conv net on 2 cores): time both, alternating, three calls each; the first call of
         # each is a warm-up, the best of the other two decides (one sample is too noisy on a
@@ -193,8 +207,10 @@ def vmap_tasks(
     Strategies: ``"vmap"`` (one batched computation), ``"loop"`` (a Python loop over tasks, outputs
     stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs
     are on an accelerator; on the CPU both are timed on the first six calls and the faster is kept
-    (``.strategy`` on the returned function says which). Both give the same numbers: models
-    with BatchNorm/LayerNorm are computed exactly under vmap (see :func:`exact_norms`).
+    (``.strategy`` on the returned function says which); inside ``torch.compile``, ``vmap`` (the
+    eager timing is unaffected). Both give the same numbers: models with BatchNorm/LayerNorm are
+    computed exactly under vmap (see :func:`exact_norms`). ``torch.compile`` traces ``"loop"``
+    with ``randomness="different"`` only: the other settings read the RNG state (a graph break).
 
     Example:
         >>> import torch, metafunc
