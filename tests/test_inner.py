@@ -445,7 +445,9 @@ def test_no_memory_growth_across_outer_steps():
         outer.step()
         if i in (10, 200):
             counts[i] = live_tensors()
-    assert counts[200] == counts[10]
+    # <=, not ==: the count is of every tensor in the process, and tensors left by earlier tests
+    # (e.g. torch.compile's caches) may be collected in between; growth is what must not happen
+    assert counts[200] <= counts[10], counts
 
 
 # ------------------------------------------------------------------------------------- errors
