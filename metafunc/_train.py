@@ -24,7 +24,7 @@ from torch import nn
 
 import metafunc
 
-from . import algorithms, data, implicit
+from . import algorithms, data, distributed, implicit
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad")
 TASKS = ("sinusoid", "glyphs", "omniglot")
@@ -324,8 +324,22 @@ def _choose_strategy(args, fm, model, tasks, device) -> str:
 
 
 # -------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _init_distributed(args: argparse.Namespace) -> torch.device:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
+    each CUDA process takes the device of its LOCAL_RANK."""
     device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = _init_distributed(args)
+    main_process = distributed.rank() == 0
     out = Path(args.out or f"runs/{args.algorithm}-{args.task}-seed{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -369,6 +383,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         strategy = resumed["strategy"]
     else:
         strategy = _choose_strategy(args, fm, model, tasks, device)
+        if distributed.world_size() > 1:  # every process runs rank 0's pick
+            chosen = [strategy]
+            torch.distributed.broadcast_object_list(chosen, src=0)
+            strategy = chosen[0]
     learner = _learner(args, fm, model, tasks.loss, strategy)
     meta = learner.init()
     leaves = optree.tree_leaves(meta)
@@ -398,10 +416,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         before = _evaluate(learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100)
     else:
         before = resumed["before"] if resumed else None
-    progress = Progress(args.steps, start, enabled=not args.quiet)
+    progress = Progress(args.steps, start, enabled=not args.quiet and main_process)
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
+        if not main_process:  # one writer; the others hold the same parameters
+            return
         payload = {
             "args": vars(args),
             "step": step,
@@ -423,7 +443,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.algorithm == "mamlpp":  # anneal the multi-step loss over the first quarter
             learner.step_weights = _msl_weights(args.inner_steps, step / (0.25 * args.steps))
         episode = tasks.sample("train", args.meta_batch, generator, device)
-        grads, metrics = learner.meta_grad(meta, episode.support, episode.query)
+        # one process: learner.meta_grad; under torchrun each process takes its share of the
+        # tasks and the task-weighted mean is all-reduced (metafunc.distributed)
+        grads, metrics = distributed.meta_grad(learner, meta, episode.support, episode.query)
         for leaf, g in zip(leaves, optree.tree_leaves(grads)):
             leaf.grad = g
         outer.step()
@@ -450,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": vars(args),
         "strategy": strategy,
         "device": str(device),
+        "processes": distributed.world_size(),
         "versions": {
             "metafunc": metafunc.__version__,
             "torch": torch.__version__,
@@ -461,6 +484,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_after": {k: _summary(v) for k, v in final.items()},
         "history": history,
     }
+    if not main_process:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=1))
     title = f"{args.algorithm} on {args.task}"
     plotted = not args.no_plot and _plot(

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import os
+import subprocess
+import sys
 import tempfile
 
 import optree
@@ -18,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import metafunc
+import metafunc._train
 from metafunc import distributed as mdist
 from metafunc.algorithms import IMAML, MAML, Leap, Reptile
 from metafunc.data import Sinusoid
@@ -136,3 +141,28 @@ def test_shard_errors():
         mdist.shard({"a": 1})
     with pytest.raises(ValueError, match="disagree on the task dimension"):
         mdist.shard((torch.zeros(3), torch.zeros(4)))
+
+
+def test_the_runner_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node=2 -m metafunc train` = the single-process run (float32 round-off:
+    the all-reduce sums in another order), with one progress bar and one set of files."""
+    args = [
+        "--algorithm", "maml", "--task", "sinusoid", "--steps", "4", "--meta-batch", "5",
+        "--eval-every", "2", "--val-tasks", "4", "--eval-tasks", "6", "--strategy", "vmap",
+        "--no-plot",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "metafunc",
+         "train", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("post-adaptation on 6 held-out test tasks") == 1  # rank 0 only
+    metafunc._train.main([*args, "--out", str(tmp_path / "one"), "--quiet"])
+    one_ckpt = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    two_ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    for a, b in zip(one_ckpt["meta"], two_ckpt["meta"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["processes"] == 2
