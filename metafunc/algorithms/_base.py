@@ -52,6 +52,14 @@ def _check_param_names(call: str, what: str, names: Any, model: FunctionalModel)
     return [n for n in known if n in set(names)]
 
 
+def params_only(meta: Any, param_grads: Any) -> dict[str, Any]:
+    """A meta-gradient with ``param_grads`` under ``"params"`` and zeros for every other entry
+    of ``meta`` (for algorithms whose meta-gradient reaches the params only)."""
+    grads = {key: optree.tree_map(torch.zeros_like, value) for key, value in meta.items()}
+    grads["params"] = param_grads
+    return grads
+
+
 def _check_positive(call: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{call}: expected {name} to be a positive number, got {value!r}.")

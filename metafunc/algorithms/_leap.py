@@ -13,7 +13,14 @@ from .. import optim
 from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
-from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ._base import (
+    Batch,
+    LossFn,
+    MetaLearner,
+    _check_positive,
+    _check_positive_int,
+    params_only,
+)
 
 __all__ = ["Leap"]
 
@@ -96,8 +103,4 @@ class Leap(MetaLearner):
             return path_gradient(points, self.metric), self.metrics(points[-1][0], query)
 
         grads, metrics = self._map("leap", one)(meta, support, query)
-        out = {"params": optree.tree_map(lambda d: d.mean(0), grads)}
-        for key in meta:
-            if key != "params":
-                out[key] = optree.tree_map(torch.zeros_like, meta[key])
-        return out, metrics
+        return params_only(meta, optree.tree_map(lambda d: d.mean(0), grads)), metrics

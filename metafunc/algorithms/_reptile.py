@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import optree
-import torch
 
 from .. import optim
 from .._inner import inner_loop, stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation
-from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ._base import (
+    Batch,
+    LossFn,
+    MetaLearner,
+    _check_positive,
+    _check_positive_int,
+    params_only,
+)
 
 __all__ = ["Reptile"]
 
@@ -58,8 +64,4 @@ class Reptile(MetaLearner):
             return delta, self.metrics(phi, query)
 
         deltas, metrics = self._map("reptile", one)(meta, support, query)
-        grads = {"params": optree.tree_map(lambda d: d.mean(0), deltas)}
-        for key in meta:
-            if key != "params":
-                grads[key] = optree.tree_map(torch.zeros_like, meta[key])
-        return grads, metrics
+        return params_only(meta, optree.tree_map(lambda d: d.mean(0), deltas)), metrics

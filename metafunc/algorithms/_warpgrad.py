@@ -6,7 +6,6 @@ from collections import deque
 from collections.abc import Collection
 from typing import Any
 
-import optree
 import torch
 from torch.func import grad, grad_and_value
 
@@ -20,6 +19,7 @@ from ._base import (
     _check_param_names,
     _check_positive,
     _check_positive_int,
+    params_only,
 )
 from ._leap import path_gradient
 
@@ -149,13 +149,9 @@ class WarpGrad(MetaLearner):
             )
         losses = self._maps["warpgrad-objective"](warp, thetas, s_batch, q_batch)
         warp_grads = torch.autograd.grad(losses.mean(), list(warp.values()))
-        grads: dict[str, Any] = {"params": {}}
         init_grads = {k: init[k].mean(0) for k in self.task}
         wg = dict(zip(warp, warp_grads))
-        grads["params"] = {k: wg[k] if k in wg else init_grads[k] for k in meta["params"]}
-        for key in meta:
-            if key != "params":
-                grads[key] = optree.tree_map(torch.zeros_like, meta[key])
+        grads = params_only(meta, {k: wg[k] if k in wg else init_grads[k] for k in meta["params"]})
         metrics["warp_objective"] = losses.detach().mean().expand(n_tasks)
         return grads, metrics
 
