@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,3 +58,25 @@ def check_range(call: str, name: str, value: Any) -> tuple[float, float]:
             f"high, got {tuple(value)!r}. Swap or fix the bounds."
         )
     return low, high
+
+
+def check_labels(call: str, classes: Any, expected: str) -> list[int]:
+    """``classes`` (a list or 1-D integer tensor of distinct labels) as a list of ints.
+
+    ``expected`` completes the message "expected classes to be ..." when the type is wrong.
+    """
+    if isinstance(classes, torch.Tensor) and classes.dim() == 1 and not classes.is_floating_point():
+        classes = classes.tolist()
+    if (
+        isinstance(classes, (str, bytes))
+        or not isinstance(classes, Sequence)
+        or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
+    ):
+        raise TypeError(f"{call}: expected classes to be {expected}, got {_describe(classes)}.")
+    out = list(classes)
+    if len(set(out)) != len(out):
+        raise ValueError(
+            f"{call}: expected distinct classes, got duplicates in {out[:10]}... "
+            "Pass each label once (e.g. labels.unique().tolist())."
+        )
+    return out

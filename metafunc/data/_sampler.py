@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import _describe, check_generator, check_int
+from ._checks import _describe, check_generator, check_int, check_labels
 from ._episode import Episode
 from ._labelled import LabelledImages
 
@@ -82,22 +82,7 @@ class EpisodeSampler:
         labels = labels.long().cpu()
         if classes is None:
             classes = labels.unique().tolist()
-        elif isinstance(classes, torch.Tensor) and classes.dim() == 1:
-            classes = classes.tolist()
-        if (
-            isinstance(classes, (str, bytes))
-            or not isinstance(classes, Sequence)
-            or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
-        ):
-            raise TypeError(
-                f"{_CALL}: expected classes to be a list of integer labels (or None for all), got "
-                f"{_describe(classes)}."
-            )
-        self.classes = list(classes)
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(
-                f"{_CALL}: expected distinct classes, got duplicates. Pass each label once."
-            )
+        self.classes = check_labels(_CALL, classes, "a list of integer labels (or None for all)")
         if len(self.classes) < self.ways:
             raise ValueError(
                 f"{_CALL}: {len(self.classes)} classes given, fewer than ways={self.ways}. Pass "

@@ -7,7 +7,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ._checks import _describe, check_int
+from ._checks import _describe, check_int, check_labels
 from ._labelled import LabelledImages
 
 __all__ = ["OMNIGLOT_SPLIT", "split_classes"]
@@ -23,25 +23,11 @@ _CALL = "split_classes(classes, sizes, seed=...)"
 def _class_list(classes: object) -> list[int]:
     if isinstance(classes, int) and not isinstance(classes, bool):
         return list(range(check_int(_CALL, "classes", classes, minimum=1)))
-    if isinstance(classes, torch.Tensor) and classes.dim() == 1 and not classes.is_floating_point():
-        classes = classes.tolist()
-    if (
-        isinstance(classes, (str, bytes))
-        or not isinstance(classes, Sequence)
-        or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
-    ):
-        raise TypeError(
-            f"{_CALL}: expected classes to be a number of classes, a list of integer labels or a "
-            f"LabelledImages, got {_describe(classes)}."
-        )
-    out = list(classes)
+    out = check_labels(
+        _CALL, classes, "a number of classes, a list of integer labels or a LabelledImages"
+    )
     if not out:
         raise ValueError(f"{_CALL}: expected at least one class, got an empty list.")
-    if len(set(out)) != len(out):
-        raise ValueError(
-            f"{_CALL}: expected distinct classes, got duplicates in {out[:10]}... "
-            "Pass each label once (e.g. labels.unique().tolist())."
-        )
     return out
 
 
