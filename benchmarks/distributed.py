@@ -30,9 +30,12 @@ from metafunc.data import Sinusoid
 
 def worker(steps: int, meta_batch: int, warmup: int, device: str) -> None:
     torch.set_num_threads(1)
+    dev = torch.device(device)
+    if dev.type == "cuda":  # one GPU per process, by its local rank on this host
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    dev = torch.device(device, distributed.rank()) if device == "cuda" else torch.device(device)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
@@ -58,6 +61,8 @@ def worker(steps: int, meta_batch: int, warmup: int, device: str) -> None:
     seconds = time.perf_counter() - start
     if distributed.rank() == 0:
         print(json.dumps({"seconds": seconds, "tasks_per_s": steps * meta_batch / seconds}))
+    if distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -80,7 +85,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     base = None
     for n in [int(x) for x in args.processes.split(",")]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", __file__,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", __file__,
                "--worker", "--meta-batch", str(args.meta_batch), "--device", args.device,
                "--steps", str(args.steps)] + (["--quick"] if args.quick else [])  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)

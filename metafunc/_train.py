@@ -309,14 +309,15 @@ def _save(path: Path, payload: dict) -> None:
 def _choose_strategy(args, fm, model, tasks, device) -> str:
     if args.strategy != "auto":
         return args.strategy
-    if device.type != "cpu":
+    if device.type != "cpu" or args.compile:  # a compiled loop would unroll every task
         return "vmap"
     probe = _learner(args, fm, model, tasks.loss, "auto")
     meta = probe.init()
     generator = torch.Generator().manual_seed(10**6 + args.seed)
     rng = torch.get_rng_state()
+    share = -(-args.meta_batch // distributed.world_size())  # the largest share of a process
     for _ in range(6):  # vmap_tasks(strategy="auto") times loop and vmap three times each
-        episode = tasks.sample("train", args.meta_batch, generator, device)
+        episode = tasks.sample("train", share, generator, device)
         probe.meta_grad(meta, episode.support, episode.query)
     torch.set_rng_state(rng)
     chosen = [m.strategy for m in probe._maps.values() if getattr(m, "strategy", None)]
@@ -328,12 +329,13 @@ def _init_distributed(args: argparse.Namespace) -> torch.device:
     """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
     each CUDA process takes the device of its LOCAL_RANK."""
     device = torch.device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or distributed.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not distributed.is_initialized():  # a caller may have made the group already
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -359,7 +361,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"python -m metafunc train --resume: no checkpoint at {ckpt_path}. Run without "
                 "--resume first, or point --out at the run's folder."
             )
-        resumed = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay there; the parameters and Adam's state are copied
+        # to the device below
+        resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for key in _RESUME_KEYS:
             if resumed["args"].get(key) != getattr(args, key):
                 raise SystemExit(
@@ -382,12 +386,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         strategy = resumed["strategy"]
     else:
-        strategy = _choose_strategy(args, fm, model, tasks, device)
-        if distributed.world_size() > 1:  # every process runs rank 0's pick
-            chosen = [strategy]
+        if distributed.world_size() == 1:
+            strategy = _choose_strategy(args, fm, model, tasks, device)
+        else:  # rank 0 times one process's share alone; every process runs its pick
+            chosen = [_choose_strategy(args, fm, model, tasks, device) if main_process else None]
             torch.distributed.broadcast_object_list(chosen, src=0)
             strategy = chosen[0]
     learner = _learner(args, fm, model, tasks.loss, strategy)
+    if args.compile:
+        # compiled on first use; MAML++'s annealed step weights are a tensor input, no recompiles
+        learner.meta_grad = torch.compile(learner.meta_grad, backend=args.compile)
     meta = learner.init()
     leaves = optree.tree_leaves(meta)
     outer = torch.optim.Adam(leaves, lr=args.outer_lr)
@@ -403,8 +411,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outer.load_state_dict(resumed["outer"])
         generator.set_state(resumed["generator"])
         torch.set_rng_state(resumed["torch_rng"])
-        if hasattr(learner, "load_state_dict"):
-            learner.load_state_dict(resumed["learner"])
+        if hasattr(learner, "load_state_dict"):  # WarpGrad: one replay buffer per process
+            states = resumed["learner"]
+            if len(states) != distributed.world_size():
+                raise SystemExit(
+                    f"python -m metafunc train --resume: the checkpoint holds {len(states)} "
+                    f"per-process {args.algorithm} states (replay buffers), this run has "
+                    f"{distributed.world_size()} processes. Resume with the same number of "
+                    "processes."
+                )
+            learner.load_state_dict(states[distributed.rank()])
         history, start, seconds, smooth = (
             resumed["history"],
             resumed["step"],
@@ -420,6 +436,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
+        states = None
+        if hasattr(learner, "state_dict"):  # per-process state (WarpGrad's replay buffer)
+            states = [learner.state_dict()]
+            if distributed.world_size() > 1:
+                states = [None] * distributed.world_size()
+                torch.distributed.all_gather_object(states, learner.state_dict())
         if not main_process:  # one writer; the others hold the same parameters
             return
         payload = {
@@ -430,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "outer": outer.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "learner": learner.state_dict() if hasattr(learner, "state_dict") else None,
+            "learner": states,
             "history": history,
             "seconds": seconds + time.perf_counter() - t0,
             "smooth": smooth,
@@ -566,8 +588,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tasks", type=_positive(int), default=600)
     p.add_argument("--checkpoint-every", type=_positive(int), default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"
+    )
     p.add_argument("--strategy", choices=("auto", "vmap", "loop"), default="auto")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="run the meta-step through torch.compile (backend inductor unless named, e.g. "
+        "aot_eager); with --strategy auto the tasks are vmapped",
+    )
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--no-plot", action="store_true")
@@ -605,10 +638,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.eval_tasks < 2:
         p.error("--eval-tasks must be at least 2, for a 95 % confidence interval")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.meta_batch < processes:
+        p.error(
+            f"--meta-batch {args.meta_batch} is smaller than the {processes} torchrun processes "
+            f"(each takes at least one task); pass --meta-batch {processes} or more"
+        )
+    if args.compile is not None:
+        from torch._dynamo import list_backends
+
+        if args.compile not in list_backends(exclude_tags=()):
+            p.error(
+                f"--compile {args.compile}: not a torch.compile backend; use one of "
+                f"{', '.join(list_backends())} or aot_eager"
+            )
     if args.task != "sinusoid" and args.ways < 2:
         p.error("--ways must be at least 2 for classification")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse(argv))
+    args = parse(argv)
+    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized()
+    try:
+        return run(args)
+    finally:
+        if joins and distributed.is_initialized():  # the group run() made; nccl wants it closed
+            torch.distributed.destroy_process_group()

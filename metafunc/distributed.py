@@ -11,6 +11,7 @@ so results agree to floating-point round-off (about 1e-16 relative in float64), 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optree
@@ -42,25 +43,30 @@ def _bounds(n: int, r: int, w: int) -> tuple[int, int]:
     return start, start + base + (1 if r < extra else 0)
 
 
-def shard(tree: PyTree, *, group: Any = None, allow_empty: bool = False) -> PyTree:
+def shard(tree: PyTree, *, group: Any = None) -> PyTree:
     """This process's share of a stacked meta-batch: a contiguous slice of the task dimension.
 
     With ``n`` tasks over ``w`` processes the shares have ``n // w`` or ``n // w + 1`` tasks.
-    A process with no task (``n < w``) is an error unless ``allow_empty``.
+    Fewer tasks than processes (``n < w``) is an error: a process without a task has no
+    meta-gradient to contribute.
     """
+    return _shard("shard(tree)", tree, group)
+
+
+def _shard(call: str, tree: PyTree, group: Any) -> PyTree:
     leaves, spec = optree.tree_flatten(tree)
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     if not tensors:
-        raise TypeError("shard(tree): expected a pytree holding stacked task tensors, got none.")
+        raise TypeError(f"{call}: expected a pytree holding stacked task tensors, got none.")
     n = tensors[0].shape[0]
     if any(x.shape[0] != n for x in tensors):
         sizes = sorted({x.shape[0] for x in tensors})
-        raise ValueError(f"shard(tree): the tensors disagree on the task dimension: {sizes}.")
+        raise ValueError(f"{call}: the tensors disagree on the task dimension: {sizes}.")
     w, r = world_size(group), rank(group)
-    if n < w and not allow_empty:
+    if n < w:
         raise ValueError(
-            f"shard(tree): {n} tasks cannot be shared by {w} processes (each needs at least one); "
-            "use a meta-batch of at least the world size, or allow_empty=True."
+            f"{call}: a meta-batch of {n} tasks cannot be shared by {w} processes (each needs at "
+            f"least one); use a meta-batch of at least {w} tasks, or fewer processes."
         )
     start, stop = _bounds(n, r, w)
     return optree.tree_unflatten(
@@ -79,7 +85,8 @@ def all_reduce_mean(grads: PyTree, count: int, *, group: Any = None) -> PyTree:
     leaves, spec = optree.tree_flatten(grads)
     if not leaves:
         return grads
-    flat = torch.cat([x.detach().reshape(-1).to(leaves[0].dtype) for x in leaves])
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in leaves))  # no downcast
+    flat = torch.cat([x.detach().reshape(-1).to(dtype) for x in leaves])
     buffer = torch.cat([flat * count, flat.new_tensor([float(count)])])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     total = buffer[-1]
@@ -116,7 +123,7 @@ def meta_grad(learner: Any, meta: Any, support: Any, query: Any, *, group: Any =
     """
     if not is_initialized() or world_size(group) == 1:
         return learner.meta_grad(meta, support, query)
-    s, q = shard((support, query), group=group)
+    s, q = _shard("metafunc.distributed.meta_grad", (support, query), group)
     count = s[0].shape[0]
     grads, metrics = learner.meta_grad(meta, s, q)
     grads = all_reduce_mean(grads, count, group=group)

@@ -234,6 +234,58 @@ def test_maml_meta_grad_random_shapes(device, steps, kind, n_tasks, d_in, hidden
     _close(grads, _fd(lambda m: objective(m, lr=lambda m: lambda k, t: lr), meta))
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_with_an_adam_inner_loop_matches_torch_optim(device, first_order):
+    """``inner_opt=adam(...)``: the oracle unrolls torch.optim.Adam per task; second order by
+    finite differences of that unroll, first order as the query gradient at its endpoint."""
+    fm = _model([2, 3, 1], seed=41, device=device)
+    support, query = _tasks(3, 4, 5, 2, 1, "mse", seed=42, device=device)
+    learner = MAML(
+        fm, inner_opt=mo.adam(lr=0.05), steps=3, first_order=first_order, strategy="vmap"
+    )
+    meta = learner.init()
+    snapshot = _snapshot(meta)
+    grads, metrics = learner.meta_grad(meta, support, query)
+    _assert_unchanged(snapshot)
+
+    def adapted(theta, i):
+        phi = {k: nn.Parameter(v.detach().clone()) for k, v in theta.items()}
+        opt = torch.optim.Adam(phi.values(), lr=0.05)
+        x, y = _task(support, i)
+        for _ in range(3):
+            opt.zero_grad()
+            _loss("mse", _forward(phi, x), y).backward()
+            opt.step()
+        return phi
+
+    def objective(m):
+        return (
+            sum(
+                _loss(
+                    "mse", _forward(adapted(m["params"], i), _task(query, i)[0]), _task(query, i)[1]
+                ).detach()
+                for i in range(3)
+            )
+            / 3
+        )
+
+    if first_order:
+        expected = {k: torch.zeros_like(v) for k, v in meta["params"].items()}
+        for i in range(3):
+            phi = adapted(meta["params"], i)
+            x, y = _task(query, i)
+            query_grads = torch.autograd.grad(_loss("mse", _forward(phi, x), y), list(phi.values()))
+            for k, g in zip(phi, query_grads):
+                expected[k] += g / 3
+        _close(grads["params"], expected, rtol=1e-9, atol=1e-12)
+    else:
+        _close(grads, _fd(objective, meta))
+    # per-task query losses after adaptation, by the same unroll
+    torch.testing.assert_close(
+        metrics["loss"].mean().item(), float(objective(meta)), rtol=1e-10, atol=0
+    )
+
+
 # =================================================================== first-order MAML
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_fomaml_is_the_query_gradient_at_the_adapted_params(steps):
@@ -774,7 +826,8 @@ def test_warpgrad_auto_strategy_settles():
     meta = learner.init()
     for _ in range(6):
         learner.meta_grad(meta, support, query)
-    assert learner._maps and all(m.strategy in ("vmap", "loop") for m in learner._maps.values())
+    used = [learner._maps[k] for k in ("warpgrad-collect", "warpgrad-objective")]
+    assert all(m.strategy in ("vmap", "loop") for m in used)
 
 
 # ====================================================================== vmap == loop
@@ -920,6 +973,17 @@ def test_errors():
     ):
         with pytest.raises(ValueError, match="inner_lr"):
             make(0.0)
+    for make in (
+        lambda **kw: MAML(fm, **kw),
+        lambda **kw: Reptile(fm, **kw),
+        lambda **kw: Leap(fm, **kw),
+    ):
+        with pytest.raises(ValueError, match="inner_opt carries its own learning rate; drop"):
+            make(inner_lr=0.1, inner_opt=mo.adam(lr=0.1))
+        with pytest.raises(TypeError, match=r"expected inner_opt to be a metafunc\.optim"):
+            make(inner_opt=torch.optim.Adam)
+    with pytest.raises(ValueError, match="drop learn_lr='per_param'"):
+        MAML(fm, inner_opt=mo.adam(lr=0.1), learn_lr="per_param")
     with pytest.raises(ValueError, match="lam"):
         IMAML(fm, lam=0.0)
     with pytest.raises(ValueError, match="expected metric"):

@@ -180,6 +180,77 @@ def test_first_order_meta_step_is_one_graph():
     _assert_one_graph(meta_step, params, *data(0))
 
 
+LEARNERS = {
+    "maml": {},
+    "maml_adam": {"inner_opt": "adam"},
+    "fomaml": {"first_order": True},
+    "fomaml_adam": {"first_order": True, "inner_opt": "adam"},
+    "meta_sgd": {"learn_lr": "per_param"},
+    "anil": {"adapt": ["2.weight", "2.bias"]},
+    "mamlpp": {"learn_lr": "per_layer_per_step", "step_weights": [0.25, 0.75]},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LEARNERS))
+def test_learner_meta_grad_is_one_graph(variant):
+    """``torch.compile(learner.meta_grad)`` for the MAML family, SGD or Adam inside: metafunc's own
+    meta-step (per-task metrics included) is one graph, and the compiled meta-gradient is the
+    eager one."""
+    net, loss_fn, data = _mlp_problem()
+    kwargs = dict(LEARNERS[variant])
+    if "inner_opt" in kwargs:
+        kwargs["inner_opt"] = OPTIMIZERS[kwargs["inner_opt"]]()
+    else:
+        kwargs["inner_lr"] = 0.1
+    learner = metafunc.algorithms.MAML(
+        metafunc.functionalize(net), loss_fn, steps=STEPS, strategy="vmap", **kwargs
+    )
+    meta = learner.init()
+    sx, sy, qx, qy = data(0)
+    _assert_one_graph(learner.meta_grad, meta, (sx, sy), (qx, qy))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(learner.meta_grad, backend="aot_eager", fullgraph=True)
+    sx, sy, qx, qy = data(1)
+    got, got_metrics = compiled(meta, (sx, sy), (qx, qy))
+    want, want_metrics = learner.meta_grad(meta, (sx, sy), (qx, qy))
+    assert sorted(got) == sorted(want) and sorted(got_metrics) == sorted(want_metrics)
+    for key in want:
+        _assert_round_off(got[key], want[key])
+    for key in want_metrics:
+        torch.testing.assert_close(got_metrics[key], want_metrics[key], rtol=1e-12, atol=0)
+    assert not any(g.requires_grad for g in torch.utils._pytree.tree_leaves(got))
+
+
+def test_annealed_step_weights_do_not_recompile():
+    """MAML++ anneals its multi-step-loss weights every meta-step: the compiled meta-step reads
+    them as an input (one graph for all of them) and follows each new value."""
+    net, loss_fn, data = _mlp_problem()
+    learner = metafunc.algorithms.MAML(
+        metafunc.functionalize(net),
+        loss_fn,
+        inner_lr=0.1,
+        steps=STEPS,
+        learn_lr="per_layer_per_step",
+        step_weights=[0.0, 1.0],
+        strategy="vmap",
+    )
+    meta = learner.init()
+    sx, sy, qx, qy = data(0)
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    compiled = torch.compile(learner.meta_grad, backend="aot_eager", fullgraph=True)
+    for weights in ([0.0, 1.0], [0.5, 0.5], [0.9, 0.1]):
+        learner.step_weights = weights
+        got, _ = compiled(meta, (sx, sy), (qx, qy))
+        want, _ = learner.meta_grad(meta, (sx, sy), (qx, qy))
+        for key in want:
+            _assert_round_off(got[key], want[key])
+    assert stats["unique_graphs"] - before == 1
+    first = learner.with_step_weights([0.0, 1.0]).meta_grad(meta, (sx, sy), (qx, qy))[0]
+    assert not torch.equal(got["params"]["0.weight"], first["params"]["0.weight"])
+
+
 @pytest.mark.parametrize(
     "ours, theirs",
     [

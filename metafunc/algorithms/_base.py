@@ -8,11 +8,14 @@ from typing import Any
 import optree
 import torch
 import torch.nn.functional as F
+from torch.func import grad
 
+from .. import optim
 from .._functional import FunctionalModel
 from .._tree import close_matches
 from .._typing import Params, PyTree
 from .._vmap import vmap_tasks
+from ..optim import GradientTransformation
 
 __all__ = ["MetaLearner", "resolve_loss"]
 
@@ -65,6 +68,32 @@ def _check_positive(call: str, name: str, value: Any) -> None:
         raise ValueError(f"{call}: expected {name} to be a positive number, got {value!r}.")
 
 
+def inner_optimizer(
+    call: str, inner_lr: float | None, inner_opt: Any, learn_lr: str | None = None
+) -> tuple[float, GradientTransformation]:
+    """``(inner_lr, optimizer)``: ``inner_opt``, or SGD at ``inner_lr`` (default 0.01).
+
+    Both at once is an error: the optimizer carries its own learning rate, and a silently
+    ignored ``inner_lr`` is a wrong experiment.
+    """
+    if inner_opt is None:
+        lr = 0.01 if inner_lr is None else inner_lr
+        _check_positive(call, "inner_lr", lr)
+        return float(lr), optim.sgd(lr=float(lr))
+    if not isinstance(inner_opt, GradientTransformation):
+        raise TypeError(
+            f"{call}: expected inner_opt to be a metafunc.optim optimizer (e.g. "
+            f"metafunc.optim.adam(lr=1e-2)), got {type(inner_opt).__name__}."
+        )
+    if inner_lr is not None or learn_lr is not None:
+        given = "inner_lr" if inner_lr is not None else f"learn_lr={learn_lr!r}"
+        raise ValueError(
+            f"{call}: inner_opt carries its own learning rate; drop {given} (learned rates "
+            "are SGD's: use learn_lr without inner_opt)."
+        )
+    return float("nan"), inner_opt
+
+
 class MetaLearner:
     """Base class: a model, a task loss, and a meta-objective over a batch of tasks.
 
@@ -94,6 +123,9 @@ class MetaLearner:
         self.classification = self.loss is F.cross_entropy
         self.strategy = strategy
         self._maps: dict[str, Any] = {}
+        # made now, not on first use: a compiled meta_grad would see the dict change and compile
+        # a second time
+        self._map("task_loss", self.task_loss)
 
     # ------------------------------------------------------------------ to be provided
     def init(self) -> dict[str, PyTree]:
@@ -129,14 +161,21 @@ class MetaLearner:
     def meta_grad(
         self, meta: Any, support: Batch, query: Batch
     ) -> tuple[dict[str, PyTree], dict[str, torch.Tensor]]:
-        """The meta-gradient of the mean task loss over a meta-batch, and per-task metrics."""
+        """The meta-gradient of the mean task loss over a meta-batch, and per-task metrics.
+
+        Computed by ``torch.func.grad`` (not ``torch.autograd.grad``, which dynamo does not trace
+        by default), so ``torch.compile(learner.meta_grad)`` is one graph with a fixed
+        ``strategy``. Entries of ``meta`` the loss does not use get zero gradients.
+        """
         run = self._map("task_loss", self.task_loss)
-        losses, metrics = run(meta, support, query)
-        leaves, spec = optree.tree_flatten(meta)
-        grads = torch.autograd.grad(losses.mean(), leaves, allow_unused=True)
-        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
-        detached = {k: v.detach() for k, v in metrics.items()}
-        return optree.tree_unflatten(spec, list(grads)), detached  # type: ignore[return-value]
+
+        def mean_loss(meta):
+            losses, metrics = run(meta, support, query)
+            return losses.mean(), metrics
+
+        with torch.no_grad():  # no graph back to ``meta``: the gradients are plain tensors
+            grads, metrics = grad(mean_loss, has_aux=True)(meta)
+        return grads, {k: v.detach() for k, v in metrics.items()}
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:
         """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``)."""

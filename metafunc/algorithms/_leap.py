@@ -9,7 +9,6 @@ import optree
 import torch
 from torch.func import grad_and_value
 
-from .. import optim
 from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
@@ -17,8 +16,8 @@ from ._base import (
     Batch,
     LossFn,
     MetaLearner,
-    _check_positive,
     _check_positive_int,
+    inner_optimizer,
     params_only,
 )
 
@@ -66,7 +65,7 @@ class Leap(MetaLearner):
         model,
         loss: str | LossFn = "mse",
         *,
-        inner_lr: float = 0.01,
+        inner_lr: float | None = None,
         steps: int = 5,
         inner_opt: GradientTransformation | None = None,
         metric: str = "length",
@@ -74,12 +73,11 @@ class Leap(MetaLearner):
     ) -> None:
         super().__init__(model, loss, strategy=strategy)
         call = "Leap(model, ...)"
-        _check_positive(call, "inner_lr", inner_lr)
         _check_positive_int(call, "steps", steps)
         if metric not in _METRICS:
             raise ValueError(f"{call}: expected metric in {_METRICS}, got {metric!r}.")
         self.steps, self.metric = steps, metric
-        self.inner_opt = optim.sgd(lr=inner_lr) if inner_opt is None else inner_opt
+        _, self.inner_opt = inner_optimizer(call, inner_lr, inner_opt)
 
     def trajectory(self, params: Params, support: Batch):
         """``(params_i, f_i, grad_i)`` for ``i = 0..steps`` (no grad at the last point)."""

@@ -15,8 +15,8 @@ from ._base import (
     LossFn,
     MetaLearner,
     _check_param_names,
-    _check_positive,
     _check_positive_int,
+    inner_optimizer,
 )
 
 __all__ = ["MAML"]
@@ -40,14 +40,18 @@ def _check_step_weights(call: str, weights: Sequence[float] | None, steps: int):
 class MAML(MetaLearner):
     """Model-agnostic meta-learning (Finn et al. 2017) and its variants.
 
-    Per task: ``steps`` SGD steps on the support set from the meta-parameters, then the query loss
-    at the adapted params; the meta-gradient is taken through the steps (second order) or
-    passed straight through (``first_order=True``, FOMAML).
+    Per task: ``steps`` SGD steps (or ``inner_opt`` steps) on the support set from the
+    meta-parameters, then the query loss at the adapted params; the meta-gradient is taken
+    through the steps (second order) or passed straight through (``first_order=True``, FOMAML).
 
     Args:
         model: the :class:`~metafunc.FunctionalModel`; ``init()`` uses its own parameters.
         loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
-        inner_lr: the inner SGD learning rate (the initial value when it is learned).
+        inner_lr: the inner SGD learning rate (the initial value when it is learned); default
+            0.01.
+        inner_opt: another inner optimizer, a :mod:`metafunc.optim` one such as
+            ``optim.adam(lr=1e-2)`` (its state starts afresh for every task); its own learning
+            rate replaces ``inner_lr``. Not with ``learn_lr``, which learns SGD's rates.
         steps: inner steps per task.
         first_order: first-order MAML.
         adapt: names of the params adapted in the inner loop (default all). ANIL (Raghu et al.
@@ -68,7 +72,8 @@ class MAML(MetaLearner):
         model,
         loss: str | LossFn = "mse",
         *,
-        inner_lr: float = 0.01,
+        inner_lr: float | None = None,
+        inner_opt: optim.GradientTransformation | None = None,
         steps: int = 1,
         first_order: bool = False,
         adapt: Collection[str] | None = None,
@@ -78,7 +83,7 @@ class MAML(MetaLearner):
     ) -> None:
         super().__init__(model, loss, strategy=strategy)
         call = f"{type(self).__name__}(model, ...)"
-        _check_positive(call, "inner_lr", inner_lr)
+        inner_lr, inner_opt = inner_optimizer(call, inner_lr, inner_opt, learn_lr)
         _check_positive_int(call, "steps", steps)
         if learn_lr not in _LEARN_LR:
             raise ValueError(f"{call}: expected learn_lr in {_LEARN_LR}, got {learn_lr!r}.")
@@ -86,17 +91,37 @@ class MAML(MetaLearner):
         adapt = names if adapt is None else _check_param_names(call, "adapt", adapt, model)
         if not adapt:
             raise ValueError(f"{call}: adapt is empty; name at least one param to adapt.")
-        step_weights = _check_step_weights(call, step_weights, steps)
-        self.inner_lr, self.steps, self.first_order = float(inner_lr), steps, bool(first_order)
+        _check_step_weights(call, step_weights, steps)
+        self.inner_lr, self.steps, self.first_order = inner_lr, steps, bool(first_order)
+        self.inner_opt = inner_opt  # SGD at inner_lr unless given; learned rates build their own
         self.adapted = [n for n in names if n in set(adapt)]
-        self.learn_lr, self.step_weights = learn_lr, step_weights
+        self.learn_lr = learn_lr
+        self.step_weights = step_weights
+
+    @property
+    def step_weights(self) -> list[float] | None:
+        """MAML++'s multi-step-loss weights, one per inner step (``None``: the last step only).
+
+        Assigning new weights (MAML++'s annealing) checks them. They are kept as a tensor, so a
+        ``torch.compile``-d meta-step reads them as an input and does not recompile when they
+        change.
+        """
+        return None if self._step_weights is None else self._step_weights.tolist()
+
+    @step_weights.setter
+    def step_weights(self, weights: Sequence[float] | None) -> None:
+        call = f"{type(self).__name__}.step_weights"
+        checked = _check_step_weights(call, weights, self.steps)
+        self._step_weights = None if checked is None else torch.tensor(checked, dtype=torch.float64)
 
     def with_step_weights(self, step_weights: Sequence[float] | None) -> MAML:
         """A copy with other multi-step-loss weights (MAML++'s annealing)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._maps = {}
-        new.step_weights = _check_step_weights("MAML.with_step_weights", step_weights, self.steps)
+        new._map("task_loss", new.task_loss)
+        checked = _check_step_weights("MAML.with_step_weights", step_weights, self.steps)
+        new.step_weights = checked
         return new
 
     def init(self) -> dict[str, PyTree]:
@@ -123,7 +148,7 @@ class MAML(MetaLearner):
 
     def _opts(self, meta: Mapping[str, Any]):
         if self.learn_lr is None:
-            return optim.sgd(lr=self.inner_lr)
+            return self.inner_opt
         lr = meta["lr"]
         if self.learn_lr == "per_param":
             return optim.sgd(lr=dict(lr))
@@ -152,19 +177,18 @@ class MAML(MetaLearner):
         return result, rest
 
     def task_loss(self, meta, support: Batch, query: Batch):
-        record = "all" if self.step_weights is not None else "endpoints"
+        record = "all" if self._step_weights is not None else "endpoints"
         result, rest = self._run(meta, support, self.first_order, record)
         final = {**rest, **result.params}
         metrics = self.metrics(final, query)
-        if self.step_weights is None:
+        if self._step_weights is None:
             loss = self.data_loss(final, query)
         else:
-            terms = [
-                w * self.data_loss({**rest, **result.tape[t]}, query)
-                for t, w in enumerate(self.step_weights, start=1)
-                if w != 0
-            ]
-            loss = torch.stack(terms).sum()
+            tape = result.tape
+            step_losses = torch.stack(
+                [self.data_loss({**rest, **tape[t]}, query) for t in range(1, self.steps + 1)]
+            )
+            loss = (self._step_weights.to(step_losses) * step_losses).sum()
         metrics["support_loss_before"] = result.losses[0].detach()
         return loss, metrics
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import optree
 
-from .. import optim
 from .._inner import inner_loop, stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation
@@ -12,8 +11,8 @@ from ._base import (
     Batch,
     LossFn,
     MetaLearner,
-    _check_positive,
     _check_positive_int,
+    inner_optimizer,
     params_only,
 )
 
@@ -28,7 +27,9 @@ class Reptile(MetaLearner):
     second derivatives and no graph through the inner loop. Tasks adapt on their support set.
 
     Args:
-        inner_opt: the inner optimizer (default ``sgd(lr=inner_lr)``; the paper uses Adam).
+        inner_lr: the inner SGD learning rate (default 0.01).
+        inner_opt: another inner optimizer (the paper uses Adam); it carries its own learning
+            rate, so not with ``inner_lr``.
     """
 
     name = "reptile"
@@ -38,16 +39,15 @@ class Reptile(MetaLearner):
         model,
         loss: str | LossFn = "mse",
         *,
-        inner_lr: float = 0.01,
+        inner_lr: float | None = None,
         steps: int = 5,
         inner_opt: GradientTransformation | None = None,
         strategy: str = "auto",
     ) -> None:
         super().__init__(model, loss, strategy=strategy)
-        _check_positive("Reptile(model, ...)", "inner_lr", inner_lr)
         _check_positive_int("Reptile(model, ...)", "steps", steps)
         self.steps = steps
-        self.inner_opt = optim.sgd(lr=inner_lr) if inner_opt is None else inner_opt
+        _, self.inner_opt = inner_optimizer("Reptile(model, ...)", inner_lr, inner_opt)
 
     def adapt(self, meta, support: Batch) -> Params:
         params = stop_gradient(dict(meta["params"]))

@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Collection
 from typing import Any
 
+import optree
 import torch
 from torch.func import grad, grad_and_value
 
@@ -160,6 +161,8 @@ class WarpGrad(MetaLearner):
         return {"buffer": list(self.buffer), "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(iter(self.model.params.values())).device  # a checkpoint loaded on the CPU
         self.buffer.clear()
-        self.buffer.extend(state["buffer"])
-        self._generator.set_state(state["generator"])
+        for entry in state["buffer"]:
+            self.buffer.append(optree.tree_map(lambda t: t.to(device), entry))  # type: ignore[arg-type]
+        self._generator.set_state(state["generator"].cpu())
