@@ -241,7 +241,9 @@ def _evaluate(learner, meta, tasks: Tasks, split: str, n: int, seed: int, device
     while left > 0:
         k = min(chunk, left)
         episode = tasks.sample(split, k, generator, device)
-        for key, value in learner.evaluate(meta, episode.support, episode.query).items():
+        # under torchrun each process adapts to its share of the tasks; all get every metric
+        metrics = distributed.evaluate(learner, meta, episode.support, episode.query)
+        for key, value in metrics.items():
             parts.setdefault(key, []).append(value.detach())
         left -= k
     return {key: torch.cat(v) for key, v in parts.items()}

@@ -20,7 +20,15 @@ import torch.distributed as dist
 
 from ._typing import PyTree
 
-__all__ = ["all_reduce_mean", "is_initialized", "meta_grad", "rank", "shard", "world_size"]
+__all__ = [
+    "all_reduce_mean",
+    "evaluate",
+    "is_initialized",
+    "meta_grad",
+    "rank",
+    "shard",
+    "world_size",
+]
 
 
 def is_initialized() -> bool:
@@ -129,3 +137,16 @@ def meta_grad(learner: Any, meta: Any, support: Any, query: Any, *, group: Any =
     grads = all_reduce_mean(grads, count, group=group)
     metrics = {k: _gather(v, group) for k, v in metrics.items()}
     return grads, metrics
+
+
+def evaluate(learner: Any, meta: Any, support: Any, query: Any, *, group: Any = None):
+    """``learner.evaluate`` over the whole meta-batch, each process adapting to its share.
+
+    Returns every task's metrics, in task order, on every process. A meta-batch with fewer tasks
+    than processes is evaluated whole by every process (the result is the same).
+    """
+    n = optree.tree_leaves(support)[0].shape[0]
+    if not is_initialized() or world_size(group) == 1 or n < world_size(group):
+        return learner.evaluate(meta, support, query)
+    s, q = _shard("metafunc.distributed.evaluate", (support, query), group)
+    return {k: _gather(v, group) for k, v in learner.evaluate(meta, s, q).items()}

@@ -117,6 +117,17 @@ def _sgd(theta, batch, kind, steps, lr, keys=None, create_graph=False):
     return path
 
 
+def _torch_adam(theta, batch, lr, steps):
+    """The inner loop with torch.optim.Adam on the MSE (the oracle for ``inner_opt=adam``)."""
+    phi = {k: nn.Parameter(v.detach().clone()) for k, v in theta.items()}
+    opt = torch.optim.Adam(phi.values(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss("mse", _forward(phi, batch[0]), batch[1]).backward()
+        opt.step()
+    return phi
+
+
 def _fd(fn, tree, eps=1e-6):
     """Central finite differences of the scalar ``fn(tree)`` in every entry of every leaf."""
     leaves, spec = optree.tree_flatten(tree)
@@ -249,14 +260,7 @@ def test_maml_with_an_adam_inner_loop_matches_torch_optim(device, first_order):
     _assert_unchanged(snapshot)
 
     def adapted(theta, i):
-        phi = {k: nn.Parameter(v.detach().clone()) for k, v in theta.items()}
-        opt = torch.optim.Adam(phi.values(), lr=0.05)
-        x, y = _task(support, i)
-        for _ in range(3):
-            opt.zero_grad()
-            _loss("mse", _forward(phi, x), y).backward()
-            opt.step()
-        return phi
+        return _torch_adam(theta, _task(support, i), lr=0.05, steps=3)
 
     def objective(m):
         return (
@@ -517,13 +521,7 @@ def test_reptile_with_adam_matches_torch_optim():
     grads, _ = learner.meta_grad(meta, support, query)
     expected = {k: torch.zeros_like(v) for k, v in meta["params"].items()}
     for i in range(2):
-        phi = {k: nn.Parameter(v.detach().clone()) for k, v in meta["params"].items()}
-        opt = torch.optim.Adam(phi.values(), lr=0.05)
-        x, y = _task(support, i)
-        for _ in range(4):
-            opt.zero_grad()
-            _loss("mse", _forward(phi, x), y).backward()
-            opt.step()
+        phi = _torch_adam(meta["params"], _task(support, i), lr=0.05, steps=4)
         for k in expected:
             expected[k] += (meta["params"][k] - phi[k]).detach() / 2
     _close(grads["params"], expected, rtol=1e-9, atol=1e-12)

@@ -76,6 +76,11 @@ def _worker(rank: int, world: int, path: str, n_tasks: int, queue) -> None:
             {"a": torch.ones(2), "b": torch.full((2,), 1 + 1e-12, dtype=torch.float64)}, 1 + rank
         )
         results["mixed"] = {k: (v.dtype, v.tolist()) for k, v in mixed.items()}
+        learner = _learner("maml")
+        for n in (7, 1):  # shared out 4 + 3; one task: evaluated whole by both
+            episode = _episode(n)
+            metrics = mdist.evaluate(learner, learner.init(), episode.support, episode.query)
+            results[f"evaluate{n}"] = {k: v.tolist() for k, v in metrics.items()}
         try:  # one task, two processes
             one = _episode(1)
             mdist.meta_grad(_learner("maml"), _learner("maml").init(), one.support, one.query)
@@ -126,6 +131,18 @@ def test_two_processes_give_the_single_process_meta_gradient(two_processes, name
 def test_uneven_shares_are_contiguous_and_cover_the_batch(two_processes):
     assert two_processes[0][1] == [0, 1, 2, 3]
     assert two_processes[1][1] == [4, 5, 6]
+
+
+@pytest.mark.parametrize("n_tasks", [7, 1])
+def test_two_processes_evaluate_like_one(two_processes, n_tasks):
+    learner = _learner("maml")
+    episode = _episode(n_tasks)
+    expected = learner.evaluate(learner.init(), episode.support, episode.query)
+    for rank in (0, 1):
+        got = two_processes[rank][0][f"evaluate{n_tasks}"]
+        assert got.keys() == expected.keys()
+        for k, v in expected.items():
+            torch.testing.assert_close(torch.tensor(got[k], dtype=v.dtype), v, rtol=1e-12, atol=0)
 
 
 def test_mixed_dtypes_are_reduced_without_downcasting(two_processes):
@@ -215,6 +232,11 @@ def test_the_runner_under_torchrun_matches_one_process(tmp_path):
         torch.testing.assert_close(two_history[key], one_history[key], rtol=1e-5, atol=0)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["processes"] == 2
+    single = json.loads((tmp_path / "one" / "results.json").read_text())
+    for when in ("test_before", "test_after"):  # the test tasks, shared out 3 + 3
+        for key in ("mean", "ci95"):
+            got, want = results[when]["loss"][key], single[when]["loss"][key]
+            assert got == pytest.approx(want, rel=1e-5), (when, key)
 
 
 def test_warpgrad_resumes_each_process_buffer_under_torchrun(tmp_path):
