@@ -23,10 +23,7 @@ Run: ``python benchmarks/compile.py [--quick] [--workloads a,b] [--steps-b 1] [-
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +34,7 @@ import torch
 from torch.func import grad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness
 import maml  # the workloads
 
 import metafunc
@@ -90,51 +88,36 @@ def bench(prob: maml.Problem, device, args, repeats: int, min_sample_s: float) -
         f"vmap: max|diff|/max|grad| = {err:.1e}"
     )
 
-    rows = {
-        "eager vmap": lambda: eager_vmap(params, *data),
-        "compiled vmap": lambda: compiled(params, *data),
-        "eager loop": lambda: eager_loop(params, *data),
-    }
-    best = {name: min(maml.clock(fn, device) for _ in range(2)) for name, fn in rows.items()}
-    inner = {name: max(1, round(min_sample_s / best[name])) for name in rows}
-    samples: dict[str, list[float]] = {name: [] for name in rows}
-    names = list(rows)
-    for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            n, fn = inner[name], rows[name]
-            samples[name].append(
-                maml.clock(lambda fn=fn, n=n: [fn() for _ in range(n)], device) / n
-            )
+    rows = [
+        _harness.Row("eager vmap", lambda: eager_vmap(params, *data)),
+        _harness.Row("compiled vmap", lambda: compiled(params, *data)),
+        _harness.Row("eager loop", lambda: eager_loop(params, *data)),
+    ]
+    best = {r.name: min(_harness.clock(r.iteration, device) for _ in range(2)) for r in rows}
+    _harness.round_robin(rows, best, device, repeats, min_sample_s)
 
-    med = {name: statistics.median(s) for name, s in samples.items()}
+    med = {r.name: statistics.median(r.samples) for r in rows}
     print(
         f"  {'meta-step':<16}{'compile s':>10}{'median ms':>11}  {'IQR (or range) ms':<22}"
         f"{'min ms':>8}  x eager vmap"
     )
-    for name, s in samples.items():
-        ms = sorted(1000 * x for x in s)
-        spread = statistics.quantiles(ms, n=4)[::2] if len(ms) >= 4 else [ms[0], ms[-1]]
-        spread_s = f"{spread[0]:.1f}-{spread[1]:.1f} (n={len(ms)})"
-        comp = f"{compile_s:.1f}" if name.startswith("compiled") else "-"
+    for r in rows:
+        comp = f"{compile_s:.1f}" if r.name.startswith("compiled") else "-"
         print(
-            f"  {name:<16}{comp:>10}{1000 * med[name]:>11.1f}  {spread_s:<22}{ms[0]:>8.1f}"
-            f"  {med[name] / med['eager vmap']:>5.2f}x"
+            f"  {r.name:<16}{comp:>10}{1000 * med[r.name]:>11.1f}  {_harness.spread(r.samples):<22}"
+            f"{1000 * min(r.samples):>8.1f}  {med[r.name] / med['eager vmap']:>5.2f}x"
         )
     return {"compile_s": compile_s, "err": err, **med}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="smoke test: few repeats; (b) 4 tasks")
+    parser = _harness.argument_parser(__doc__, quick_help="smoke test: few repeats; (b) 4 tasks")
     parser.add_argument("--workloads", default="a,b", help="comma-separated subset of a,b")
     parser.add_argument("--steps-b", type=int, default=1, help="inner steps of (b) (default 1)")
     parser.add_argument("--inner", default="sgd", choices=["sgd", "adam"], help="inner optimizer")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--repeats", type=int, help="samples per row (default a 15, b 5)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's)"
-    )
+    _harness.add_threads_argument(parser)
     args = parser.parse_args()
     # a cold compile: inductor's on-disk caches (kept across runs) would hide the compile time
     cache = tempfile.TemporaryDirectory(prefix="metafunc_compile_")
@@ -145,14 +128,12 @@ def main() -> None:
     repeats = {"a": args.repeats or 15, "b": args.repeats or 5}
     if args.quick:
         repeats = {"a": args.repeats or 3, "b": args.repeats or 2}
-    min_sample_s = 0.05 if args.quick else 0.2
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"device: {device} ({platform.machine()}, {os.cpu_count()} cores)", end="; ")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); metafunc "
-        f"{metafunc.__version__}; backend {args.backend}"
+    min_sample_s = _harness.min_sample_seconds(args.quick)
+    _harness.print_header(
+        device,
+        f"{torch.get_num_threads()} thread(s); metafunc {metafunc.__version__}; "
+        f"backend {args.backend}",
     )
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share the machine)")
     print(f"repeats per row: {repeats} after warm-up; a sample averages >= {min_sample_s} s")
     start = time.perf_counter()
     workloads = args.workloads.split(",")
@@ -161,10 +142,7 @@ def main() -> None:
     if "b" in workloads:
         prob = maml.omniglot(device, 4 if args.quick else 32, args.steps_b)
         bench(prob, device, args, repeats["b"], min_sample_s)
-    print(
-        f"\ntotal {time.perf_counter() - start:.0f} s; load average at end: "
-        f"{os.getloadavg()[0]:.2f}"
-    )
+    _harness.print_footer(start)
     cache.cleanup()
 
 

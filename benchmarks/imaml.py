@@ -30,25 +30,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import textwrap
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness
 
 import metafunc
 from metafunc.implicit import imaml, solve_cg
@@ -175,13 +173,7 @@ def with_metafunc(cfg: Config, model: nn.Module, strategy: str = "auto"):
         r = imaml(loss, p, opt, (sx, sy), **kw)
         return loss(r.params, (qx, qy))
 
-    run = metafunc.vmap_tasks(task, in_dims=(None, 0, 0, 0, 0), strategy=strategy)
-
-    def meta_backward(data):
-        run(fm.params, *data).mean().backward()
-
-    meta_backward.task_map = run  # type: ignore[attr-defined]  # .strategy: what "auto" picked
-    return meta_backward
+    return _harness.vmap_tasks_meta_backward(task, fm.params, strategy)
 
 
 def with_torchopt(cfg: Config, model: nn.Module):
@@ -234,12 +226,7 @@ def unrolled_maml(cfg: Config, model: nn.Module):
         r = metafunc.inner_loop(inner, theta, opt, (sx, sy), steps=cfg.steps, record="none")
         return F.mse_loss(fm(r.params, qx), qy)
 
-    run = metafunc.vmap_tasks(task, in_dims=(None, 0, 0, 0, 0), strategy="vmap")
-
-    def meta_backward(data):
-        run(fm.params, *data).mean().backward()
-
-    return meta_backward
+    return _harness.vmap_tasks_meta_backward(task, fm.params, "vmap")
 
 
 UNROLLED = "unrolled MAML (metafunc)"
@@ -279,35 +266,13 @@ def check_agreement(cfg: Config, device) -> set[str]:
     candidates["metafunc imaml (vmap)"] = lambda c, m: with_metafunc(c, m, "vmap")
     candidates["metafunc imaml (loop)"] = lambda c, m: with_metafunc(c, m, "loop")
     ref = meta_grads(hand_written, cfg, device)
-    scale = max(b.abs().max() for b in ref)
-    flat_ref = torch.cat([b.flatten() for b in ref])
-    bad = set()
     print(f"  meta-gradient check in float64 on {cfg.tasks} task(s) against the hand-written vmap:")
-    for name, builder in candidates.items():
-        try:
-            got = meta_grads(builder, cfg, device)
-        except Exception as e:  # a peer that cannot run is reported; metafunc failing is fatal
-            if name.startswith("metafunc"):
-                raise
-            print(f"    {name:<30} failed: {type(e).__name__}: {str(e)[:80]}")
-            bad.add(name)
-            continue
-        err = (max((a - b).abs().max() for a, b in zip(got, ref)) / scale).item()
-        if name == UNROLLED:
-            cos = F.cosine_similarity(torch.cat([a.flatten() for a in got]), flat_ref, dim=0)
-            print(
-                f"    {name:<30} max|diff|/max|grad| = {err:.1e}  (another estimator, not "
-                f"checked; cosine {cos.item():.3f})"
-            )
-            continue
-        agree = all(
-            bool(((a - b).abs() <= 1e-6 * (b.abs() + scale)).all()) for a, b in zip(got, ref)
-        )
-        print(f"    {name:<30} max|diff|/max|grad| = {err:.1e}  {'agree' if agree else 'DISAGREE'}")
-        bad |= set() if agree else {name}
-    if any(name.startswith("metafunc") for name in bad):
-        raise SystemExit("metafunc's meta-gradient disagrees with the hand-written baseline")
-    return bad
+    return _harness.check_agreement(
+        {n: lambda b=b: meta_grads(b, cfg, device) for n, b in candidates.items()},
+        ref,
+        rtol=1e-6,
+        other_estimators={UNROLLED},
+    )
 
 
 def inner_residual(cfg: Config, device) -> float:
@@ -330,46 +295,18 @@ def inner_residual(cfg: Config, device) -> float:
 
 
 # ------------------------------------------------------------------------------ timing
-def clock(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-@dataclasses.dataclass
-class Row:
-    name: str
-    iteration: Callable[[], None]
-    task_map: Any = None  # metafunc's vmap_tasks function (its .strategy), else None
-    samples: list[float] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def make_row(name, builder, cfg: Config, device) -> Row:
+def make_row(name, builder, cfg: Config, device) -> _harness.Row:
     model = fresh_model(device)
-    meta_backward = builder(cfg, model)
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = sinusoids(cfg, device)
-
-    def iteration():
-        outer.zero_grad()
-        meta_backward(data)
-        outer.step()
-
-    return Row(name, iteration, getattr(meta_backward, "task_map", None))
+    return _harness.meta_iteration_row(name, model, builder(cfg, model), sinusoids(cfg, device))
 
 
-def run_rows(rows: list[Row], device, repeats: int, min_sample_s: float, budget_s: float) -> None:
+def run_rows(
+    rows: list[_harness.Row], device, repeats: int, min_sample_s: float, budget_s: float
+) -> None:
     """Warm-up: metafunc "auto" first runs until it has decided (on the CPU it times loop and
-    vmap alternately on its first 6 calls), then every row 1 iteration. A row slower than 1 s and
-    more than 2x slower than the fastest in warm-up cannot be the fastest and is not repeated
-    (its warm-up iteration is its only sample, noted in the table). The others: `repeats`
-    round-robin samples, the order rotated each round, fewer (at least 3) if the rounds
-    exceed `budget_s`; a sample averages enough iterations to last `min_sample_s`."""
+    vmap alternately on its first 6 calls), then every row 1 iteration. Then `repeats`
+    round-robin samples of the rows that can be the fastest, judged by that iteration, fewer
+    (at least 3) if the rounds exceed `budget_s`."""
     warm = {}
     for row in rows:
         if row.task_map is not None and row.task_map.strategy is None:
@@ -378,41 +315,20 @@ def run_rows(rows: list[Row], device, repeats: int, min_sample_s: float, budget_
                 row.iteration()
             spent = time.perf_counter() - start
             row.notes.append(f"auto picked {row.task_map.strategy!r} in {spent:.1f} s")
-        warm[row.name] = clock(row.iteration, device)
-    fastest = min(warm.values())
-    active = [r for r in rows if warm[r.name] < max(1.0, 2 * fastest)]
-    for row in rows:
-        if row not in active:
-            row.samples = [warm[row.name]]
-            row.notes.append(">2x slower: warm-up sample only")
-    inner = {r.name: max(1, round(min_sample_s / warm[r.name])) for r in active}
-    start = time.perf_counter()
-    for rep in range(repeats):
-        if rep >= 3 and time.perf_counter() - start > budget_s:
-            break
-        for row in active[rep % len(active) :] + active[: rep % len(active)]:
-            n = inner[row.name]
-            row.samples.append(
-                clock(lambda r=row, n=n: [r.iteration() for _ in range(n)], device) / n
-            )
+        warm[row.name] = _harness.clock(row.iteration, device)
+    active = _harness.drop_slow(rows, warm)
+    _harness.round_robin(active, warm, device, repeats, min_sample_s, budget_s)
 
 
 # ------------------------------------------------------------------------------ peak memory
 MEMORY_METHOD = {
-    "cuda": "alloc: torch.cuda.max_memory_allocated() minus memory_allocated() just before the "
-    "iteration",
+    "cuda": f"alloc: {_harness.CUDA_PEAK} the iteration",
     "cpu": "alloc: the peak of the CPU allocator's running total (total_allocated of the "
     "profiler's allocation events, torch.profiler profile_memory=True; exact, like CUDA's "
     "max_memory_allocated) above its level when the iteration starts, in a second iteration; "
-    "RSS: peak RSS (VmHWM of /proc/self/status, reset through /proc/self/clear_refs) minus the "
-    "RSS just before the first iteration",
+    f"RSS: {_harness.RSS_PEAK} the first iteration",
 }
 TORCHOPT_MEMORY_TASKS = 2  # its loop backpropagates task by task: the peak is one task's
-
-
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1])
 
 
 def allocated_peak_cpu(fn) -> float:
@@ -439,52 +355,26 @@ def allocated_peak_cpu(fn) -> float:
 
 
 def memory_child(steps: int, tasks: int, name: str, strategy: str, device) -> dict:
-    """In a fresh process: the peak memory growth of one meta-iteration, in MiB."""
-    for t in (1, steps):  # the T=1 iteration loads kernels and allocator pools
-        row = make_row(name, builders(strategy)[name], Config(steps=t, tasks=tasks), device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = _proc_kib("VmRSS:") * 1024
-        row.iteration()
+    """In a fresh process: the peak memory growth of one meta-iteration, in MiB: "alloc" and, on
+    the CPU, "rss" (see MEMORY_METHOD)."""
+
+    def iteration_at(t: int):
+        cfg = Config(steps=t, tasks=tasks)
+        return make_row(name, builders(strategy)[name], cfg, device).iteration
+
+    mib, iteration = _harness.peak_memory_growth(iteration_at, steps, device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        return {"alloc": (torch.cuda.max_memory_allocated() - before) / 2**20, "rss": None}
-    rss = (_proc_kib("VmHWM:") * 1024 - before) / 2**20
-    return {"alloc": allocated_peak_cpu(row.iteration) / 2**20, "rss": rss}
+        return {"alloc": mib, "rss": None}
+    return {"alloc": allocated_peak_cpu(iteration) / 2**20, "rss": mib}
 
 
 def peak_memory(steps: int, tasks: int, name: str, strategy: str, args) -> dict:
     child = ["--device", args.device, "--threads", str(torch.get_num_threads())]
     child += ["--memory-child", f"{steps}:{tasks}:{strategy}:{name}"]
-    out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child {steps}:{name} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _harness.run_child(__file__, child)
 
 
 # ------------------------------------------------------------------------------ main
-def print_table(rows: list[Row], bad: set[str]) -> dict[str, float]:
-    """Prints the table; returns {row name: median / median of the fastest correct hand-written}."""
-    med = {r.name: statistics.median(r.samples) for r in rows}
-    ref = min(v for k, v in med.items() if k.startswith("hand-written") and k not in bad)
-    head = f"  {'implementation':<30}{'median ms':>10}  {'IQR (or range) ms':<24}{'min ms':>9}"
-    print(head + "  x hand  note")
-    for row in rows:
-        ms = sorted(1000 * s for s in row.samples)
-        spread = statistics.quantiles(ms, n=4)[::2] if len(ms) >= 4 else [ms[0], ms[-1]]
-        spread_s = f"{spread[0]:.1f}-{spread[1]:.1f} (n={len(ms)})"
-        line = f"  {row.name:<30}{1000 * med[row.name]:>10.1f}  {spread_s:<24}{ms[0]:>9.1f}"
-        line += f"  {med[row.name] / ref:>5.2f}x"
-        notes = row.notes + (["WRONG meta-gradient (see check)"] if row.name in bad else [])
-        print(line + (f"  {'; '.join(notes)}" if notes else ""))
-    return {k: v / ref for k, v in med.items()}
-
-
 def print_memory(memory: dict[int, dict[str, dict]], tasks: int, device) -> None:
     names = list(next(iter(memory.values())))
     width = {n: max(len(n), 16) for n in names}
@@ -505,16 +395,12 @@ def print_memory(memory: dict[int, dict[str, dict]], tasks: int, device) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 5 tasks, T in 10,50")
+    parser = _harness.argument_parser(__doc__, quick_help="smoke test: 5 tasks, T in 10,50")
     parser.add_argument("--steps", help="comma-separated inner steps (default 10,100,1000)")
     parser.add_argument(
         "--repeats", type=int, help="samples per row (default 7, fewer past 60 s per T; quick 2)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's)"
-    )
+    _harness.add_threads_argument(parser)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -529,15 +415,13 @@ def main() -> None:
     all_steps = [int(s) for s in (args.steps or default_steps).split(",")]
     tasks = 5 if args.quick else 25
     repeats = args.repeats or (2 if args.quick else 7)
-    min_sample_s = 0.05 if args.quick else 0.2
+    min_sample_s = _harness.min_sample_seconds(args.quick)
     check_tasks = 2 if args.quick else 3
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"device: {device} ({platform.machine()}, {os.cpu_count()} cores)", end="; ")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(
-        f"metafunc {metafunc.__version__}; torchopt {getattr(torchopt, '__version__', 'missing')}"
+    _harness.print_header(
+        device,
+        f"{torch.get_num_threads()} thread(s)",
+        f"metafunc {metafunc.__version__}; torchopt {getattr(torchopt, '__version__', 'missing')}",
     )
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share the machine)")
     print(
         f"repeats per row: {repeats} after warm-up (at least 3, fewer once the rounds of one T "
         f"pass 60 s); a sample averages >= {min_sample_s} s"
@@ -566,7 +450,7 @@ def main() -> None:
         run_rows(rows, device, repeats, min_sample_s, budget_s=60.0)
         if rows[0].task_map is not None:
             strategy = rows[0].task_map.strategy
-        ratios = print_table(rows, bad)
+        ratios = _harness.print_table(rows, bad, widths=(24, 9))
         if steps > HAND_LOOP_MAX_STEPS:
             print(f"  (hand-written loop not timed above T={HAND_LOOP_MAX_STEPS}: run time)")
         ours = ratios["metafunc imaml"]
@@ -584,11 +468,7 @@ def main() -> None:
         grows = memory[hi][UNROLLED]["alloc"] / memory[lo][UNROLLED]["alloc"]
         targets.append((f"metafunc imaml peak memory T={hi} <= 1.2x T={lo}", flat, flat <= 1.2))
         targets.append((f"unrolled MAML peak memory T={hi} > 1.2x T={lo}", grows, grows > 1.2))
-    print(f"\ntotal {time.perf_counter() - start:.0f} s", end="; ")
-    print(f"load average at end: {os.getloadavg()[0]:.2f}")
-    print("targets:")
-    for what, value, ok in targets:
-        print(f"  {'PASS' if ok else 'MISS'}  {what}: {value:.2f}")
+    _harness.print_footer(start, targets)
 
 
 if __name__ == "__main__":

@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness
 
 import metafunc
 from metafunc._quickstart import sample_sinusoids
@@ -139,13 +137,7 @@ def with_metafunc(prob: Problem, model: nn.Module, strategy="auto", checkpoint=N
         )
         return loss(result.params, (qx, qy))
 
-    run = metafunc.vmap_tasks(task, in_dims=(None, 0, 0, 0, 0), strategy=strategy)
-
-    def meta_backward(data):
-        run(fm.params, *data).mean().backward()
-
-    meta_backward.task_map = run  # type: ignore[attr-defined]  # .strategy: what "auto" picked
-    return meta_backward
+    return _harness.vmap_tasks_meta_backward(task, fm.params, strategy)
 
 
 def with_higher(prob: Problem, model: nn.Module):
@@ -225,146 +217,66 @@ def check_agreement(key: str, prob: Problem, device, tasks: int) -> set[str]:
         candidates["metafunc (vmap)"] = lambda p, m: with_metafunc(p, m, "vmap")
         candidates["metafunc (loop)"] = lambda p, m: with_metafunc(p, m, "loop")
     ref = meta_grads(hand_loop, prob, device, tasks)
-    scale = max(b.abs().max() for b in ref)
-    bad = set()
     print(f"  meta-gradient check on {tasks} task(s) against the hand-written loop (rtol 1e-4):")
-    for name, builder in candidates.items():
-        try:
-            got = meta_grads(builder, prob, device, tasks)
-        except Exception as e:  # a peer that cannot run this workload is reported, not fatal
-            print(f"    {name:<30} failed: {type(e).__name__}: {str(e)[:80]}")
-            bad.add(name)
-            continue
-        err = (max((a - b).abs().max() for a, b in zip(got, ref)) / scale).item()
-        agree = all(
-            bool(((a - b).abs() <= 1e-4 * (b.abs() + scale)).all()) for a, b in zip(got, ref)
-        )
-        print(f"    {name:<30} max|diff|/max|grad| = {err:.1e}  {'agree' if agree else 'DISAGREE'}")
-        bad |= set() if agree else {name}
-    if any(name.startswith("metafunc") for name in bad):
-        raise SystemExit("metafunc's meta-gradient disagrees with the hand-written baseline")
-    return bad
+    return _harness.check_agreement(
+        {n: lambda b=b: meta_grads(b, prob, device, tasks) for n, b in candidates.items()},
+        ref,
+        rtol=1e-4,
+    )
 
 
-def clock(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-@dataclasses.dataclass
-class Row:
-    name: str
-    iteration: Callable[[], None]
-    task_map: Any = None  # metafunc's vmap_tasks function (its .strategy), else None
-    samples: list[float] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def make_row(name, builder, prob: Problem, device) -> Row:
+def make_row(name, builder, prob: Problem, device) -> _harness.Row:
     model = fresh_model(prob, device)
-    meta_backward = builder(prob, model)
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def iteration():
-        outer.zero_grad()
-        meta_backward(prob.data)
-        outer.step()
-
-    return Row(name, iteration, getattr(meta_backward, "task_map", None))
+    return _harness.meta_iteration_row(name, model, builder(prob, model), prob.data)
 
 
-def run_rows(rows: list[Row], device, repeats: int, min_sample_s: float) -> None:
+def run_rows(rows: list[_harness.Row], device, repeats: int, min_sample_s: float) -> None:
     """Warm-up (2 iterations; 7 for metafunc "auto", which times loop and vmap alternately on its
-    first 6 calls and keeps the faster), then `repeats` round-robin samples, the order rotated
-    each round; a sample averages enough iterations to last `min_sample_s`. A row slower than 1 s
-    and more than 2x slower than the fastest in warm-up cannot be the fastest and is not
-    repeated: its best warm-up iteration is its only sample (noted in the table)."""
+    first 6 calls and keeps the faster); then `repeats` round-robin samples of the rows that can
+    be the fastest, judged by their best warm-up iteration."""
     best = {}
     for row in rows:
         auto = row.task_map is not None and row.task_map.strategy is None
-        times = [clock(row.iteration, device) for _ in range(7 if auto else 2)]
+        times = [_harness.clock(row.iteration, device) for _ in range(7 if auto else 2)]
         best[row.name] = min(times)
         if auto:
             row.notes.append(f"auto picked {row.task_map.strategy!r} in {sum(times[:6]):.1f} s")
-    fastest = min(best.values())
-    active = [r for r in rows if best[r.name] < max(1.0, 2 * fastest)]
-    for row in rows:
-        if row not in active:
-            row.samples = [best[row.name]]
-            row.notes.append(">2x slower: warm-up sample only")
-    inner = {r.name: max(1, round(min_sample_s / best[r.name])) for r in active}
-    for rep in range(repeats):
-        for row in active[rep % len(active) :] + active[: rep % len(active)]:
-            n = inner[row.name]
-            row.samples.append(
-                clock(lambda r=row, n=n: [r.iteration() for _ in range(n)], device) / n
-            )
+    _harness.round_robin(_harness.drop_slow(rows, best), best, device, repeats, min_sample_s)
 
 
-def print_table(rows: list[Row], bad: set[str], memory: dict | None = None) -> dict:
-    """Prints the table; returns {row name: median / median of the fastest correct hand-written}."""
-    med = {r.name: statistics.median(r.samples) for r in rows}
-    ref = min(v for k, v in med.items() if k.startswith("hand-written") and k not in bad)
-    head = f"  {'implementation':<30}{'median ms':>10}  {'IQR (or range) ms':<22}{'min ms':>8}"
-    print(head + "  x hand" + ("  peak MiB  ckpt/plain" if memory else "") + "  note")
-    for row in rows:
-        ms = sorted(1000 * s for s in row.samples)
-        spread = statistics.quantiles(ms, n=4)[::2] if len(ms) >= 4 else [ms[0], ms[-1]]
-        spread_s = f"{spread[0]:.1f}-{spread[1]:.1f} (n={len(ms)})"
-        line = f"  {row.name:<30}{1000 * med[row.name]:>10.1f}  {spread_s:<22}{ms[0]:>8.1f}"
-        line += f"  {med[row.name] / ref:>5.2f}x"
-        if memory:
-            ratio = memory[row.name] / memory["metafunc"]
-            line += f"  {memory[row.name]:>8.1f}  " + (
-                f"{ratio:>10.2f}" if "ckpt" in row.name else " " * 10
-            )
-        notes = row.notes + (["WRONG meta-gradient (see check)"] if row.name in bad else [])
-        print(line + (f"  {'; '.join(notes)}" if notes else ""))
-    return {k: v / ref for k, v in med.items()}
+def print_table(rows: list[_harness.Row], bad: set[str], memory: dict | None = None) -> dict:
+    """`_harness.print_table`, with the peak memory columns of (c) when `memory` ({row name: MiB})
+    is given: the peak and, on checkpointed rows, its ratio to plain metafunc's."""
+    if not memory:
+        return _harness.print_table(rows, bad)
+
+    def cells(name: str) -> str:
+        ratio = memory[name] / memory["metafunc"]
+        return f"  {memory[name]:>8.1f}  " + (f"{ratio:>10.2f}" if "ckpt" in name else " " * 10)
+
+    return _harness.print_table(rows, bad, extra_head="  peak MiB  ckpt/plain", extra=cells)
 
 
 # ------------------------------------------------------------------------------ peak memory
 MEMORY_METHOD = {
-    "cuda": "torch.cuda.max_memory_allocated() minus memory_allocated() just before it",
-    "cpu": "peak RSS (VmHWM of /proc/self/status, reset through /proc/self/clear_refs) minus the "
-    "RSS just before it. Not ru_maxrss: Linux carries ru_maxrss across exec, so a child started "
-    "from this large process reports the parent's peak",
+    "cuda": f"{_harness.CUDA_PEAK} it",
+    "cpu": f"{_harness.RSS_PEAK} it. Not ru_maxrss: Linux carries ru_maxrss across exec, so a "
+    "child started from this large process reports the parent's peak",
 }
-
-
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1])
 
 
 def memory_child(steps: int, name: str, device) -> float:
     """In a fresh process: the peak memory growth of one meta-iteration, in MiB."""
-    for t in (1, steps):  # the T=1 iteration loads kernels and allocator pools
-        prob = long_unroll(device, t)
-        row = make_row(name, builders("c")[name], prob, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = _proc_kib("VmRSS:") * 1024
-        row.iteration()
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return (_proc_kib("VmHWM:") * 1024 - before) / 2**20
+
+    def iteration_at(t: int):
+        return make_row(name, builders("c")[name], long_unroll(device, t), device).iteration
+
+    return _harness.peak_memory_growth(iteration_at, steps, device)[0]
 
 
 def peak_memory(steps: int, name: str, device) -> float:
-    args = [sys.executable, __file__, "--device", device.type, "--memory-child", f"{steps}:{name}"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["mib"]
+    args = ["--device", device.type, "--memory-child", f"{steps}:{name}"]
+    return _harness.run_child(__file__, args)["mib"]
 
 
 # ------------------------------------------------------------------------------ main
@@ -390,9 +302,7 @@ def bench(key: str, prob: Problem, device, repeats: int, min_sample_s: float, ta
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="smoke test: few repeats, small")
+    parser = _harness.argument_parser(__doc__, quick_help="smoke test: few repeats, small")
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated subset of a,b,c")
     parser.add_argument("--repeats", type=int, help="samples per row (default a 15, b 5, c 5)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -405,15 +315,15 @@ def main() -> None:
 
     repeats = dict.fromkeys("abc", args.repeats) if args.repeats else {"a": 15, "b": 5, "c": 5}
     repeats = dict.fromkeys("abc", 2) if args.quick else repeats
-    min_sample_s = 0.05 if args.quick else 0.2
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"device: {device} ({platform.machine()}, {os.cpu_count()} cores)", end="; ")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    min_sample_s = _harness.min_sample_seconds(args.quick)
     peers = (
         f"higher {'yes' if higher else 'missing'}, torchopt {getattr(torchopt, '__version__', '-')}"
     )
-    print(f"metafunc {metafunc.__version__}; peers: {peers}")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share the machine)")
+    _harness.print_header(
+        device,
+        f"{torch.get_num_threads()} threads",
+        f"metafunc {metafunc.__version__}; peers: {peers}",
+    )
     print(f"repeats per row: {repeats} after warm-up; a sample averages >= {min_sample_s} s")
     start = time.perf_counter()
     targets: list[tuple[str, float, bool]] = []
@@ -432,11 +342,7 @@ def main() -> None:
     for steps in ((10,) if args.quick else (10, 50, 200)) if "c" in workloads else ():
         prob = long_unroll(device, steps)
         bench("c", prob, device, repeats["c"], min_sample_s, targets)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s", end="; ")
-    print(f"load average at end: {os.getloadavg()[0]:.2f}")
-    print("targets:")
-    for what, value, ok in targets:
-        print(f"  {'PASS' if ok else 'MISS'}  {what}: {value:.2f}")
+    _harness.print_footer(start, targets)
 
 
 if __name__ == "__main__":

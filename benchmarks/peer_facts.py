@@ -6,6 +6,7 @@ installed are skipped. Nothing here is part of the test suite (the peers are not
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import torch
@@ -162,6 +163,7 @@ def metafunc_implicit_facts() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     metafunc_facts()
     torchopt_facts()
     higher_facts()
