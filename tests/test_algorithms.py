@@ -876,6 +876,26 @@ def test_vmap_equals_the_per_task_loop(device, name):
     )
 
 
+@pytest.mark.parametrize("name", ["maml", "fomaml", "meta-sgd", "anil", "maml++", "imaml"])
+def test_compiled_and_eager_gradient_paths_agree(device, monkeypatch, name):
+    """``MetaLearner.meta_grad`` takes ``torch.func.grad`` while compiling and
+    ``torch.autograd.grad`` eagerly; here the first is forced eagerly and both must agree. No
+    graph goes back to ``meta`` and ``meta`` is not modified."""
+    fm = _model([1, 3, 3, 1], seed=27, device=device)
+    support, query = _tasks(3, 4, 5, 1, 1, "mse", seed=28, device=device)
+    learner = _algorithms()[name](fm, "vmap")
+    meta = learner.init()
+    snapshot = _snapshot(meta)
+    eager, eager_metrics = learner.meta_grad(meta, support, query)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced, traced_metrics = learner.meta_grad(meta, support, query)
+    _close(traced, eager, rtol=1e-12, atol=1e-14)
+    _close(traced_metrics, eager_metrics, rtol=1e-12, atol=1e-14)
+    for g in optree.tree_leaves((eager, traced)):
+        assert not g.requires_grad
+    _assert_unchanged(snapshot)
+
+
 def test_vmap_equals_the_per_task_loop_for_classification(device):
     fm = _model([2, 4, 3], seed=29, device=device)
     support, query = _tasks(3, 6, 6, 2, 3, "cross_entropy", seed=30, device=device)
