@@ -173,6 +173,38 @@ class FunctionalModel:
             )
         self._check_values(call, "buffers", buffers)
 
+    def _check_inputs(self, call: str, params: Mapping[str, Any], args: tuple, kwargs: dict):
+        """Input tensors on another device than the params, or of another floating dtype (a
+        float64 numpy batch into a float32 model), fail deep in torch with a message that names
+        neither; say so here. Autocast regions mix dtypes on purpose and are not checked."""
+        floating = [p for p in params.values() if p.is_floating_point()]
+        if not floating:
+            return
+        ref = floating[0]
+        dtypes = {p.dtype for p in floating}
+        # the inputs and, one level down, tuples and lists of them (no optree: dynamo breaks
+        # the graph on a flatten here)
+        inputs = [*args, *kwargs.values()]
+        inputs += [y for x in inputs if isinstance(x, (tuple, list)) for y in x]
+        for x in inputs:
+            if not isinstance(x, torch.Tensor):
+                continue
+            if x.device != ref.device and x.dim() > 0:
+                raise ValueError(
+                    f"{call}: an input is on {x.device} but the params are on {ref.device}; move "
+                    f"the data (x.to({str(ref.device)!r})) or the model."
+                )
+            if (
+                x.is_floating_point()
+                and x.dtype not in dtypes
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
+                raise TypeError(
+                    f"{call}: an input is {x.dtype} but the params are {ref.dtype}; convert the "
+                    f"data (x.to({ref.dtype})) or the model (model.to({x.dtype}) before "
+                    "functionalize)."
+                )
+
     # ----------------------------------------------------------------------------------------
     def apply(
         self, params: Params, buffers: Buffers, /, *args: Any, **kwargs: Any
@@ -189,8 +221,10 @@ class FunctionalModel:
             >>> new["running_mean"], fm.buffers["running_mean"]
             (tensor([0.1000, 0.2000]), tensor([0., 0.]))
         """
-        self._check_params("FunctionalModel.apply(params, buffers, ...)", params)
-        self._check_buffers("FunctionalModel.apply(params, buffers, ...)", buffers)
+        call = "FunctionalModel.apply(params, buffers, ...)"
+        self._check_params(call, params)
+        self._check_buffers(call, buffers)
+        self._check_inputs(call, params, args, kwargs)
         new_buffers = {k: b.clone() for k, b in buffers.items()}
         with _norms.buffer_updates() as updates:
             out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
@@ -216,6 +250,7 @@ class FunctionalModel:
         self._check_params(call, params)
         if self.buffers:
             return self.apply(params, self.buffers, *args, **kwargs)[0]
+        self._check_inputs(call, params, args, kwargs)
         return self._call({**self.frozen, **params}, args, kwargs)
 
     # ----------------------------------------------------------------------------------------

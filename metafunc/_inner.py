@@ -80,6 +80,28 @@ def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, che
             f"{call}: expected batches to be an iterable of batches, or one batch with steps=N "
             f"(the batch is then reused for N steps); got {type(batches).__name__} and steps=None."
         )
+    if (
+        steps is None
+        and isinstance(batches, tuple)
+        and batches
+        and all(isinstance(b, torch.Tensor) for b in batches)
+    ):
+        raise TypeError(
+            f"{call}: batches is a tuple of {len(batches)} tensors and steps=None, so it would "
+            f"run {len(batches)} steps with one tensor each (x, then y). Pass steps=N to reuse "
+            "one (x, y) batch for N steps, or a list of batches, one per step."
+        )
+    if (
+        steps is not None
+        and isinstance(batches, list)
+        and batches
+        and all(isinstance(b, (tuple, list)) for b in batches)
+    ):
+        raise TypeError(
+            f"{call}: with steps={steps} batches is one batch, reused at every step, but got a "
+            f"list of {len(batches)} {type(batches[0]).__name__}s (one batch per step?). Drop "
+            "steps to take one batch per step, or pass a single (x, y) batch."
+        )
     if len(opts) > 1:
         n = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)
         if n is not None and n != len(opts):

@@ -545,14 +545,14 @@ def _print_table(results: dict, out: Path, plotted: bool) -> None:
 
 # ----------------------------------------------------------------------------------- parser
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    noun = "integer" if kind is int else "number"
+    noun = "integer" if kind is int else "finite number"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}") from None
-        if not value > 0:  # also rejects nan
+        if not 0 < value < math.inf:  # also rejects nan
             raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text}")
         return value
 

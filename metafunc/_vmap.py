@@ -62,9 +62,52 @@ def _task_size(call: str, flat_args, flat_dims) -> int:
     if len(sizes) != 1:
         raise ValueError(
             f"{call}: expected the batched inputs (in_dims not None) to share one task-dimension "
-            f"size, got {sorted(sizes) if sizes else 'no batched tensor input'}."
+            f"size, got {sorted(sizes) if sizes else 'no batched tensor input'}. Arguments "
+            "shared by all tasks, such as the meta-parameters, take in_dims None, e.g. "
+            "in_dims=(None, 0, 0)."
         )
     return sizes.pop()
+
+
+def _loop_dims(call: str, in_dims: Any, args: tuple) -> list[Any]:
+    """``in_dims`` per leaf of ``args``, checked as torch.func.vmap checks them (the loop
+    strategy would otherwise fail on a bad ``in_dims`` with an IndexError deep inside)."""
+    if not (
+        in_dims is None
+        or (isinstance(in_dims, int) and not isinstance(in_dims, bool))
+        or (isinstance(in_dims, (tuple, list)) and len(in_dims) == len(args))
+    ):
+        seen = (
+            f"a {type(in_dims).__name__} of {len(in_dims)}"
+            if isinstance(in_dims, (tuple, list))
+            else repr(in_dims)
+        )
+        raise ValueError(
+            f"{call}: expected in_dims to be an int, None, or a tuple with one entry per "
+            f"positional argument ({len(args)}), got {seen}."
+        )
+    try:
+        flat_dims = _broadcast_leaves(
+            tuple(in_dims) if isinstance(in_dims, list) else in_dims, args
+        )
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{call}: in_dims {in_dims!r} does not match the structure of the arguments: an "
+            "entry for a pytree argument is an int, None, or the same pytree of them."
+        ) from None
+    flat_args: list[Any] = optree.tree_leaves(args, none_is_leaf=True)  # type: ignore[arg-type]
+    for a, d in zip(flat_args, flat_dims):
+        if d is None:
+            continue
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise ValueError(
+                f"{call}: expected every in_dims entry to be an int or None, got {d!r}."
+            )
+        if isinstance(a, torch.Tensor) and not -a.dim() <= d < a.dim():
+            raise ValueError(
+                f"{call}: in_dims entry {d} is out of range for an input of shape {tuple(a.shape)}."
+            )
+    return flat_dims
 
 
 def _rng_states() -> list[torch.Tensor]:
@@ -91,7 +134,7 @@ def _broadcast_leaves(prefix: PyTree, tree: PyTree) -> list[Any]:
 
 def _loop(func, in_dims, out_dims, randomness, args, kwargs):
     call = "vmap_tasks(func, strategy='loop')"
-    flat_dims = _broadcast_leaves(in_dims, args)
+    flat_dims = _loop_dims(call, in_dims, args)
     flat_args, spec = optree.tree_flatten(args, none_is_leaf=True)
     n = _task_size(call, flat_args, flat_dims)
     rng = torch.random.get_rng_state() if randomness == "same" else None

@@ -26,6 +26,7 @@ import math
 import optree
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -1016,6 +1017,62 @@ def test_errors():
         WarpGrad(fm, warp=["0.weight"], buffer_size=0)
     with pytest.raises(NotImplementedError):
         MetaLearner(fm).task_loss({}, None, None)
+
+
+def test_meta_batch_mistakes_are_named():
+    """The mistakes of a first meta-training loop, each named before any work is done."""
+    fm = _model([1, 3, 1])
+    (sx, sy), (qx, qy) = _tasks(2, 4, 5, 1, 1, "mse", seed=3)
+    maml = MAML(fm, inner_lr=0.1, strategy="vmap")
+    meta = maml.init()
+    call = r"MAML\.meta_grad\(meta, support, query\)"
+    with pytest.raises(TypeError, match=call + r": expected meta to be the dict of learner.init"):
+        maml.meta_grad(fm.params, (sx, sy), (qx, qy))
+    with pytest.raises(TypeError, match=r"these are the model's params"):
+        maml.meta_grad(dict(fm.params), (sx, sy), (qx, qy))
+    with pytest.raises(TypeError, match=r"with keys \['lr', 'params'\]; got \['params'\]"):
+        MAML(fm, learn_lr="per_param", strategy="vmap").meta_grad(meta, (sx, sy), (qx, qy))
+    meta_sgd = MAML(fm, steps=2, learn_lr="per_param", strategy="vmap").init()
+    with pytest.raises(ValueError, match=r"expects meta\['lr'\]\['0.weight'\] of shape \(2,\)"):
+        MAML(fm, steps=2, learn_lr="per_layer_per_step", strategy="vmap").meta_grad(
+            meta_sgd, (sx, sy), (qx, qy)
+        )
+    with pytest.raises(TypeError, match=r"expected support to be a pair .* got a tuple of 3"):
+        maml.meta_grad(meta, (sx, sy, sy), (qx, qy))
+    with pytest.raises(TypeError, match=r"expected query to be a pair .* got a Tensor"):
+        maml.meta_grad(meta, (sx, sy), qx)
+    with pytest.raises(ValueError, match=r"same two leading sizes, got \(2, 4, 1\) and \(4, 1\)"):
+        maml.meta_grad(meta, (sx, sy[0]), (qx, qy))
+    with pytest.raises(ValueError, match=r"support has 2 tasks but query has 1"):
+        maml.meta_grad(meta, (sx, sy), (qx[:1], qy[:1]))
+    with pytest.raises(ValueError, match=r"outputs have shape \(4, 1\) per task and the targets"):
+        maml.meta_grad(meta, (sx, sy[..., 0]), (qx, qy[..., 0]))  # mse would broadcast
+    for learner in (Reptile(fm, strategy="vmap"), Leap(fm, strategy="vmap")):
+        with pytest.raises(TypeError, match=r"\.meta_grad\(meta, support, query\): expected meta"):
+            learner.meta_grad(fm.params, (sx, sy), (qx, qy))
+    with pytest.raises(TypeError, match=r"MAML\.evaluate\(meta, support, query\)"):
+        maml.evaluate(meta, (sx, sy, sy), (qx, qy))
+
+    ce = MAML(_model([2, 3, 3]), "cross_entropy", strategy="vmap")
+    (cx, cy), (dx, dy) = _tasks(2, 4, 5, 2, 3, "cross_entropy", seed=4)
+    with pytest.raises(TypeError, match=r"int64 class indices, got torch.float64; use y.argmax"):
+        ce.meta_grad(ce.init(), (cx, F.one_hot(cy, 3).double()), (dx, dy))
+    with pytest.raises(TypeError, match=r"query targets as int64 class indices, got torch.int32"):
+        ce.meta_grad(ce.init(), (cx, cy), (dx, dy.int()))
+
+
+def test_non_finite_hyperparameters_are_refused():
+    fm = _model([1, 3, 1])
+    for bad in (math.inf, math.nan):
+        for make in (
+            lambda v: MAML(fm, inner_lr=v),
+            lambda v: Reptile(fm, inner_lr=v),
+            lambda v: IMAML(fm, lam=v),
+        ):
+            with pytest.raises(ValueError, match=r"positive finite number"):
+                make(bad)
+        with pytest.raises(ValueError, match=r"finite non-negative numbers"):
+            MAML(fm, steps=2, step_weights=[bad, 1.0])
 
 
 # ================================================================== learning sanity

@@ -1012,6 +1012,30 @@ def test_error_params_a_tensor_has_no_parameters_hint():
         fm(torch.zeros(3), _x())
 
 
+def test_error_input_dtype_or_device_differs_from_the_params():
+    """A float32 batch into a float64 model (or the reverse) and data on another device are named
+    before torch fails deep inside; autocast regions mix dtypes on purpose and pass."""
+    fm = functionalize(small_mlp())  # DTYPE (float64)
+    x = _x()
+    msg = (
+        f"{CALL}: an input is torch.float32 but the params are torch.float64; convert the data "
+        "(x.to(torch.float64)) or the model (model.to(torch.float32) before functionalize)."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(msg)}$"):
+        fm(fm.params, x.float())
+    with pytest.raises(TypeError, match=r"^FunctionalModel\.apply\(params, buffers, \.\.\.\): an "):
+        fm.apply(fm.params, fm.buffers, x.float())
+    with pytest.raises(ValueError, match=r"an input is on meta but the params are on cpu; move"):
+        fm(fm.params, x.to("meta"))
+    with pytest.raises(TypeError, match=r"an input is torch.float32"):
+        fm(fm.params, [x.float()])  # one level into lists and tuples
+    emb = functionalize(nn.Embedding(5, 2).double())
+    assert emb(emb.params, torch.tensor([0, 4])).shape == (2, 2)  # integer inputs: not checked
+    single = functionalize(small_mlp().float())  # autocast casts float32 (not float64) tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert single(single.params, x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_error_param_wrong_shape():
     fm = functionalize(small_mlp())
     params = {**fm.params, "0.weight": torch.zeros(3, 4, dtype=DTYPE)}

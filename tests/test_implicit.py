@@ -978,10 +978,12 @@ def test_imaml_graph_does_not_grow_with_inner_steps_and_inputs_are_unchanged():
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        ({"lam": 0.0}, ValueError, r"expected lam > 0"),
-        ({"lam": -1.0}, ValueError, r"expected lam > 0"),
-        ({"lam": math.nan}, ValueError, r"expected lam > 0"),
-        ({"lam": True}, ValueError, r"expected lam > 0"),
+        ({"lam": 0.0}, ValueError, r"expected lam to be positive and finite"),
+        ({"lam": -1.0}, ValueError, r"expected lam to be positive and finite"),
+        ({"lam": math.nan}, ValueError, r"expected lam to be positive and finite"),
+        ({"lam": math.inf}, ValueError, r"expected lam to be positive and finite"),
+        ({"lam": torch.tensor(math.inf, dtype=D)}, ValueError, r"positive and finite"),
+        ({"lam": True}, ValueError, r"expected lam to be positive and finite"),
         ({"lam": torch.ones(2, dtype=D)}, ValueError, r"1-element floating tensor"),
         ({"lam": torch.tensor(1)}, ValueError, r"1-element floating tensor"),
         ({"steps": 0}, ValueError, r"expected steps to be a positive int"),

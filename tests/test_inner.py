@@ -467,6 +467,16 @@ def test_no_memory_growth_across_outer_steps():
         ({"record": "some"}, ValueError, r"expected 'all', 'endpoints', 'none' or a positive int"),
         ({"opt": [mo.sgd(), mo.sgd()]}, ValueError, r"got 2 per-step optimizers for 3 steps"),
         ({"steps": None, "batches": []}, ValueError, r"got no batches"),
+        (  # an (x, y) pair without steps= would be two steps, one on x and one on y
+            {"steps": None, "batches": (torch.ones(2), torch.ones(2))},
+            TypeError,
+            r"batches is a tuple of 2 tensors and steps=None, so it would run 2 steps",
+        ),
+        (  # per-step batches with steps= would be one batch (a list) reused
+            {"steps": 2, "batches": [(torch.ones(2), torch.ones(2))] * 2},
+            TypeError,
+            r"with steps=2 batches is one batch, reused at every step, but got a list of 2 tuples",
+        ),
     ],
 )
 def test_argument_errors(kwargs, error, pattern):

@@ -425,8 +425,10 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["--steps", "abc"], "argument --steps: expected a positive integer, got 'abc'"),
         (["--meta-batch", "2.5"], "argument --meta-batch: expected a positive integer, got '2.5'"),
-        (["--inner-lr", "-1"], "argument --inner-lr: expected a positive number, got -1"),
-        (["--outer-lr", "nan"], "argument --outer-lr: expected a positive number, got nan"),
+        (["--inner-lr", "-1"], "argument --inner-lr: expected a positive finite number, got -1"),
+        (["--outer-lr", "nan"], "argument --outer-lr: expected a positive finite number, got nan"),
+        (["--inner-lr", "inf"], "argument --inner-lr: expected a positive finite number, got inf"),
+        (["--outer-lr", "1e400"], "argument --outer-lr: expected a positive finite number"),
         pytest.param(
             ["--device", "cuda"],
             "--device cuda: CUDA is not available here; use --device cpu",

@@ -636,7 +636,30 @@ def _run_loop(*args, **kwargs):
             lambda: _run_loop(torch.ones(3, 2), torch.ones(4, 2)),
             ValueError,
             r"vmap_tasks\(func, strategy='loop'\): expected the batched inputs \(in_dims not "
-            r"None\) to share one task-dimension size, got \[3, 4\]\.",
+            r"None\) to share one task-dimension size, got \[3, 4\]\. Arguments shared by all "
+            r"tasks, such as the meta-parameters, take in_dims None, e\.g\. "
+            r"in_dims=\(None, 0, 0\)\.",
+        ),
+        (  # the loop strategy checks in_dims as torch.func.vmap does
+            lambda: _run_loop(torch.ones(3, 2), torch.ones(3, 2), in_dims=(0, 0, 0)),
+            ValueError,
+            r"expected in_dims to be an int, None, or a tuple with one entry per positional "
+            r"argument \(2\), got a tuple of 3\.",
+        ),
+        (
+            lambda: _run_loop(torch.ones(3, 2), torch.ones(3, 2), in_dims=(0, 2)),
+            ValueError,
+            r"in_dims entry 2 is out of range for an input of shape \(3, 2\)\.",
+        ),
+        (
+            lambda: _run_loop(torch.ones(3, 2), torch.ones(3, 2), in_dims=(0, "0")),
+            ValueError,
+            r"expected every in_dims entry to be an int or None, got '0'\.",
+        ),
+        (
+            lambda: _run_loop(torch.ones(3, 2), torch.ones(3, 2), in_dims=(0, {"a": 0})),
+            ValueError,
+            r"in_dims \(0, \{'a': 0\}\) does not match the structure of the arguments",
         ),
         (
             lambda: _run_loop(torch.ones(3, 2), torch.ones(2, 4), in_dims=(0, -1)),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optree
@@ -64,8 +65,12 @@ def params_only(meta: Any, param_grads: Any) -> dict[str, Any]:
 
 
 def _check_positive(call: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{call}: expected {name} to be a positive number, got {value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < math.inf  # also rejects nan
+    ):
+        raise ValueError(f"{call}: expected {name} to be a positive finite number, got {value!r}.")
 
 
 def inner_optimizer(
@@ -143,12 +148,74 @@ class MetaLearner:
     # ------------------------------------------------------------------ shared
     def data_loss(self, params: Params, batch: Batch) -> torch.Tensor:
         x, y = batch
-        return self.loss(self.model(params, x), y)
+        return self._loss(self.model(params, x), y)
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss is F.mse_loss and out.shape != y.shape:  # it would broadcast, silently
+            raise ValueError(
+                f"{type(self).__name__}: the model's outputs have shape {tuple(out.shape)} per "
+                f"task and the targets {tuple(y.shape)}; mse would broadcast them. Give the "
+                "targets the outputs' shape (e.g. y.unsqueeze(-1))."
+            )
+        return self.loss(out, y)
+
+    def _meta_keys(self) -> set[str]:
+        """The top-level keys of :meth:`init`'s meta-parameters."""
+        return {"params"}
+
+    def _check_meta_batch(self, call: str, meta: Any, support: Any, query: Any) -> None:
+        """Meta-parameters from :meth:`init` and two ``(inputs, targets)`` pairs stacked over the
+        same tasks; checked before any work, so mistakes are named here, not deep in torch."""
+        keys = self._meta_keys()
+        if not isinstance(meta, Mapping) or set(meta) != keys:
+            seen = sorted(meta) if isinstance(meta, Mapping) else type(meta).__name__
+            hint = ""
+            if isinstance(meta, Mapping) and set(meta) == set(self.model.params):
+                hint = " (these are the model's params; meta-parameters wrap them)"
+            raise TypeError(
+                f"{call}: expected meta to be the dict of learner.init(), with keys "
+                f"{sorted(keys)}; got {seen}{hint}. Start from meta = learner.init()."
+            )
+        tasks = None
+        for name, batch in (("support", support), ("query", query)):
+            if not (
+                isinstance(batch, (tuple, list))
+                and len(batch) == 2
+                and all(isinstance(t, torch.Tensor) for t in batch)
+            ):
+                seen = (
+                    f"a {type(batch).__name__} of {len(batch)}"
+                    if isinstance(batch, (tuple, list))
+                    else f"a {type(batch).__name__}"
+                )
+                raise TypeError(
+                    f"{call}: expected {name} to be a pair (inputs, targets) of tensors stacked "
+                    f"over tasks, got {seen}. An Episode's .support and .query are such pairs."
+                )
+            x, y = batch
+            if x.dim() < 2 or y.dim() < 2 or x.shape[:2] != y.shape[:2]:
+                raise ValueError(
+                    f"{call}: expected {name} inputs and targets of shape (tasks, examples, ...) "
+                    f"with the same two leading sizes, got {tuple(x.shape)} and {tuple(y.shape)}. "
+                    "Stack the tasks of a meta-batch along dim 0 (metafunc.stack_tasks)."
+                )
+            if tasks is not None and x.shape[0] != tasks:
+                raise ValueError(
+                    f"{call}: support has {tasks} tasks but query has {x.shape[0]}; pass the "
+                    "same tasks' support and query sets."
+                )
+            tasks = x.shape[0]
+            if self.classification and y.dtype != torch.long:
+                fix = "y.argmax(-1) for one-hot targets" if y.is_floating_point() else "y.long()"
+                raise TypeError(
+                    f"{call}: cross_entropy expects {name} targets as int64 class indices, got "
+                    f"{y.dtype}; use {fix}."
+                )
 
     def metrics(self, params: Params, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
         out = self.model(params, x)
-        result = {"loss": self.loss(out, y).detach()}
+        result = {"loss": self._loss(out, y).detach()}
         if self.classification:
             result["accuracy"] = (out.argmax(-1) == y).to(out.dtype).mean().detach()
         return result
@@ -170,6 +237,9 @@ class MetaLearner:
         fixed ``strategy``; eagerly by ``torch.autograd.grad``, about 20 % faster there (no
         functorch level around the whole inner loop). Both give the same numbers (tested).
         """
+        self._check_meta_batch(
+            f"{type(self).__name__}.meta_grad(meta, support, query)", meta, support, query
+        )
         run = self._map("task_loss", self.task_loss)
 
         def mean_loss(meta):
@@ -191,6 +261,8 @@ class MetaLearner:
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:
         """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``)."""
+        call = f"{type(self).__name__}.evaluate(meta, support, query)"
+        self._check_meta_batch(call, meta, support, query)
         detached = optree.tree_map(lambda x: x.detach(), meta)
 
         def one(meta, support, query):

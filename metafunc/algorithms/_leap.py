@@ -96,6 +96,9 @@ class Leap(MetaLearner):
         return stop_gradient(self.trajectory(meta["params"], support)[-1][0])
 
     def meta_grad(self, meta, support: Batch, query: Batch):
+        call = f"{type(self).__name__}.meta_grad(meta, support, query)"
+        self._check_meta_batch(call, meta, support, query)
+
         def one(meta, support, query):
             points = self.trajectory(meta["params"], support)
             return path_gradient(points, self.metric), self.metrics(points[-1][0], query)

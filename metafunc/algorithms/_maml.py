@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -29,10 +30,14 @@ def _check_step_weights(call: str, weights: Sequence[float] | None, steps: int):
     if weights is None:
         return None
     weights = [float(w) for w in weights]
-    if len(weights) != steps or any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+    if (
+        len(weights) != steps
+        or not all(0 <= w < math.inf for w in weights)  # also rejects nan
+        or not any(w > 0 for w in weights)
+    ):
         raise ValueError(
-            f"{call}: expected step_weights to be {steps} non-negative numbers (one per inner "
-            f"step), at least one positive; got {weights!r}."
+            f"{call}: expected step_weights to be {steps} finite non-negative numbers (one per "
+            f"inner step), at least one positive; got {weights!r}."
         )
     return weights
 
@@ -123,6 +128,24 @@ class MAML(MetaLearner):
         checked = _check_step_weights("MAML.with_step_weights", step_weights, self.steps)
         new.step_weights = checked
         return new
+
+    def _meta_keys(self) -> set[str]:
+        return {"params", "lr"} if self.learn_lr is not None else {"params"}
+
+    def _check_meta_batch(self, call: str, meta: Any, support: Any, query: Any) -> None:
+        super()._check_meta_batch(call, meta, support, query)
+        if self.learn_lr is None:
+            return
+        lr = meta["lr"]
+        for k in self.adapted:
+            want = tuple(meta["params"][k].shape) if self.learn_lr == "per_param" else (self.steps,)
+            got = tuple(lr[k].shape) if isinstance(lr, Mapping) and k in lr else None
+            if got != want:
+                raise ValueError(
+                    f"{call}: learn_lr={self.learn_lr!r} expects meta['lr'][{k!r}] of shape "
+                    f"{want}, got {'no entry' if got is None else got}. Start from this "
+                    "learner's init() (meta-parameters of another learn_lr do not fit)."
+                )
 
     def init(self) -> dict[str, PyTree]:
         """``{"params": model.params}``, plus ``{"lr": ...}`` when learning rates are learned."""

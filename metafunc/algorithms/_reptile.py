@@ -57,6 +57,9 @@ class Reptile(MetaLearner):
         return stop_gradient(result.params)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
+        call = f"{type(self).__name__}.meta_grad(meta, support, query)"
+        self._check_meta_batch(call, meta, support, query)
+
         def one(meta, support, query):
             phi = self.adapt(meta, support)
             theta = stop_gradient(dict(meta["params"]))

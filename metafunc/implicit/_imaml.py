@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -99,12 +100,15 @@ def imaml(
                 f"{call}: expected lam to be a positive number or 1-element floating tensor, "
                 f"got a {lam.dtype} tensor of shape {tuple(lam.shape)}."
             )
-        if not bool((plain(lam) > 0).all()):
+        if not bool(((plain(lam) > 0) & plain(lam).isfinite()).all()):
             raise ValueError(
-                f"{call}: expected lam > 0 (the proximal strength), got {plain(lam).tolist()}."
+                f"{call}: expected lam to be positive and finite (the proximal strength), got "
+                f"{plain(lam).tolist()}."
             )
-    elif not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
-        raise ValueError(f"{call}: expected lam > 0 (the proximal strength), got {lam!r}.")
+    elif not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 < lam < math.inf:
+        raise ValueError(
+            f"{call}: expected lam to be positive and finite (the proximal strength), got {lam!r}."
+        )
     if solve is None:
         solve = functools.partial(solve_cg, tol=1e-6, maxiter=100)
     _check_common(call, loss_fn, solve, if_not_converged, on_solve)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import optim
-from .optim import get_diff_optim, register_optim
+from .optim import _check_optimizer, get_diff_optim, register_optim
 from .patch import FunctionalModule, _resolve_initial, monkeypatch
 
 __all__ = [
@@ -72,6 +72,7 @@ def innerloop_ctx(
     """
     call = "innerloop_ctx(model, opt, ...)"
     detach = _resolve_initial(call, copy_initial_weights, meta_grad_to_model)
+    _check_optimizer(call, opt)
     fmodel = monkeypatch(
         model, device, copy_initial_weights=detach, track_higher_grads=track_higher_grads
     )

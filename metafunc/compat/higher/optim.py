@@ -75,8 +75,7 @@ class DifferentiableOptimizer:
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        if not isinstance(other, torch.optim.Optimizer):
-            raise TypeError(f"{name}(other, ...): expected a torch.optim optimizer, got {other!r}.")
+        _check_optimizer(f"{name}(other, ...)", other)
         self.reference = list(reference_params)
         self.fmodel, self.grad_callback = fmodel, grad_callback
         self.track_higher_grads = bool(track_higher_grads)
@@ -130,7 +129,41 @@ class DifferentiableOptimizer:
                         f"{len(self.param_groups)} parameter group(s); give one for all groups "
                         "or one per group."
                     )
+            self._check_override_shapes(call, key, value)
         return dict(override)
+
+    def _check_override_shapes(self, call: str, key: str, value: Any) -> None:
+        """Every tensor in ``override[key]`` broadcasts to each parameter of its group, unchanged.
+
+        Checked here, where the override is set, rather than deep in the step's update."""
+        for gi in range(len(self.param_groups)):
+            resolved = self._group_value(key, gi, {key: value})
+            parts = resolved if isinstance(resolved, (list, tuple)) else [resolved]
+            for t in parts:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                for i, (p, g) in enumerate(zip(self.reference, self.group)):
+                    if g != gi:
+                        continue
+                    try:
+                        fits = torch.broadcast_shapes(t.shape, p.shape) == p.shape
+                    except RuntimeError:
+                        fits = False
+                    if not fits:
+                        names = self.fmodel.names if self.fmodel is not None else []
+                        param = (
+                            f"parameter {names[i]!r}"
+                            if len(names) == len(self.reference)
+                            else f"parameter {i}"
+                        )
+                        raise ValueError(
+                            f"{call}: override[{key!r}] has a tensor of shape {tuple(t.shape)}, "
+                            f"which does not broadcast to {param} of parameter group {gi} "
+                            f"(shape {tuple(p.shape)}); a hyperparameter tensor applies to every "
+                            "parameter of its group, so it must broadcast to each shape unchanged. "
+                            f"Give a 0-dim tensor, e.g. override={{{key!r}: torch.tensor(0.1, "
+                            "requires_grad=True)}, or a list with one per parameter group."
+                        )
 
     def _group_value(self, key: str, gi: int, override: dict[str, Any]) -> Any:
         if key in override:
@@ -164,7 +197,8 @@ class DifferentiableOptimizer:
         ``override`` here takes precedence over the one given at construction and, as in
         higher, stays in effect for the later steps. Parameters without a gradient (unused by
         ``loss``, or outside every parameter group) are left unchanged, with their optimizer
-        state, as ``torch.optim`` leaves them.
+        state, as ``torch.optim`` leaves them; but a loss that reaches *no* fast weight (computed
+        with ``model(x)`` instead of ``fmodel(x)``) is an error, where higher steps nothing.
         """
         call = f"{type(self).__name__}.step(loss, ...)"
         if params is None:
@@ -180,14 +214,28 @@ class DifferentiableOptimizer:
                 f"{call}: expected {len(self.reference)} params (one per reference parameter), "
                 f"got {len(params)}."
             )
-        self._override = {**self._override, **self._check_override(call, override)}
+        _check_loss(call, loss)
+        merged = {**self._override, **self._check_override(call, override)}
         active = [i for i, p in enumerate(params) if self.group[i] is not None and p.requires_grad]
-        raw = torch.autograd.grad(
-            loss,
-            [params[i] for i in active],
-            create_graph=self.track_higher_grads,
-            allow_unused=True,
-        )
+        raw: tuple[torch.Tensor | None, ...] = ()
+        if active:  # none: no fast weight is trainable, and (as torch.optim) nothing steps
+            raw = torch.autograd.grad(
+                loss,
+                [params[i] for i in active],
+                create_graph=self.track_higher_grads,
+                allow_unused=True,
+            )
+        # Some parameters may legitimately get no gradient (an unused head), but none at all
+        # means the loss does not depend on the fast weights: usually it was computed with the
+        # original module, model(x), instead of fmodel(x). higher 0.2.1 then silently steps
+        # nothing (every gradient is None, so every parameter is skipped); we raise instead.
+        if active and all(g is None for g in raw):
+            raise ValueError(
+                f"{call}: no fast weight received a gradient from the loss; compute the loss "
+                "with the patched model (fmodel(x)), not the original module (model(x)), and "
+                "with the current fast weights (those given as params=, if any)."
+            )
+        self._override = merged
         grads: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(active, raw):
             grads[i] = g
@@ -211,6 +259,43 @@ class DifferentiableOptimizer:
         if self.fmodel is not None:
             self.fmodel.update_params(result)
         return result
+
+
+def _check_loss(call: str, loss: Any) -> None:
+    """A scalar tensor with a graph (``step``'s loss), or a clear error."""
+    want = "expected a scalar tensor loss with a graph to the fast weights"
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"{call}: {want}; got {type(loss).__name__} {loss!r}. Pass the loss tensor itself "
+            "(e.g. loss = F.mse_loss(fmodel(x), y)), not loss.item() or a Python number."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{call}: {want}; got a tensor of shape {tuple(loss.shape)}. Reduce it first, "
+            "e.g. loss.mean() or loss.sum() (or use reduction='mean' in the loss function)."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{call}: {want}; got a tensor that does not require grad (detached, or computed "
+            "under torch.no_grad()). Compute it with fmodel(x), with grad enabled, and do not "
+            ".detach() it."
+        )
+
+
+def _check_optimizer(call: str, opt: Any) -> None:
+    """A ``torch.optim`` optimizer instance, or a clear TypeError."""
+    if isinstance(opt, torch.optim.Optimizer):
+        return
+    example = "e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+    if isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer):
+        public = getattr(torch.optim, opt.__name__, None) is opt
+        cls = f"torch.optim.{opt.__name__}" if public else f"{opt.__module__}.{opt.__qualname__}"
+        seen = f"the class {cls}; instantiate it: {cls}(model.parameters(), lr=...)"
+    elif isinstance(opt, mo.GradientTransformation):
+        seen = "a metafunc optimizer (use metafunc.inner_loop for those)"
+    else:
+        seen = f"a {type(opt).__name__}"
+    raise TypeError(f"{call}: expected a torch.optim optimizer instance, {example}; got {seen}.")
 
 
 def _make(
@@ -281,6 +366,7 @@ def get_diff_optim(
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
     """The differentiable version of ``opt`` (higher's ``get_diff_optim``)."""
+    _check_optimizer("get_diff_optim(opt, ...)", opt)
     cls = _REGISTRY.get(type(opt))
     if cls is None:
         known = sorted(t.__name__ for t in _REGISTRY)
