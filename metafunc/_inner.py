@@ -28,6 +28,12 @@ def stop_gradient(tree: PyTree) -> PyTree:
         >>> metafunc.stop_gradient({"w": w})["w"].requires_grad
         False
     """
+    if hasattr(tree, "__next__"):  # a generator would come back as it is, undetached
+        raise TypeError(
+            "stop_gradient(tree): expected a pytree (e.g. a dict of tensors), got a "
+            f"{type(tree).__name__}. For a module's parameters use "
+            "stop_gradient(dict(model.named_parameters())) or fm.params."
+        )
     return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 

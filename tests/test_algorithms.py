@@ -1061,6 +1061,18 @@ def test_meta_batch_mistakes_are_named():
         ce.meta_grad(ce.init(), (cx, cy), (dx, dy.int()))
 
 
+def test_constructor_arguments_are_checked_up_front():
+    fm = _model([1, 3, 1])
+    with pytest.raises(TypeError, match=r"expected first_order to be a bool, got 'no'"):
+        MAML(fm, first_order="no")
+    with pytest.raises(TypeError, match=r"IMAML\(model, \.\.\.\): expected solve to be a linear"):
+        IMAML(fm, solve="cg")
+    with pytest.raises(ValueError, match=r"expected if_not_converged in"):
+        IMAML(fm, if_not_converged="bogus")
+    with pytest.raises(TypeError, match=r"stop_gradient\(tree\): expected a pytree"):
+        metafunc.stop_gradient(nn.Linear(1, 1).parameters())
+
+
 def test_non_finite_hyperparameters_are_refused():
     fm = _model([1, 3, 1])
     for bad in (math.inf, math.nan):

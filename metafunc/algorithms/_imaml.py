@@ -7,7 +7,8 @@ from typing import Any
 
 from .. import optim
 from .._typing import Params
-from ..implicit import imaml
+from ..implicit import imaml, solve_cg
+from ..implicit._root import _check_common
 from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
 
 __all__ = ["IMAML"]
@@ -40,6 +41,8 @@ class IMAML(MetaLearner):
         _check_positive(call, "inner_lr", inner_lr)
         _check_positive(call, "lam", lam)
         _check_positive_int(call, "steps", steps)
+        # the solver and policy are checked now, not at the first meta_grad
+        _check_common(call, self.data_loss, solve or solve_cg, if_not_converged, None)
         self.inner_opt = optim.sgd(lr=inner_lr)
         self.steps, self.lam, self.solve = steps, float(lam), solve
         self.if_not_converged = if_not_converged

@@ -90,6 +90,8 @@ class MAML(MetaLearner):
         call = f"{type(self).__name__}(model, ...)"
         inner_lr, inner_opt = inner_optimizer(call, inner_lr, inner_opt, learn_lr)
         _check_positive_int(call, "steps", steps)
+        if not isinstance(first_order, bool):
+            raise TypeError(f"{call}: expected first_order to be a bool, got {first_order!r}.")
         if learn_lr not in _LEARN_LR:
             raise ValueError(f"{call}: expected learn_lr in {_LEARN_LR}, got {learn_lr!r}.")
         names = list(model.params)
