@@ -180,3 +180,44 @@ def test_masked_under_vmap_equals_loop():
         for k in ref:
             torch.testing.assert_close(out[k][i], ref[k], rtol=1e-14, atol=1e-15)
         assert torch.equal(ref["b"], p["b"])
+
+
+# ------------------------------------------- value and shape checks under torch.func transforms
+def test_tensor_hyperparameter_checks_do_not_read_batched_or_tracked_values():
+    """The factories check a tensor's values only when it is a plain eager one: a batched
+    (``vmap``) or tracked (``grad``) hyperparameter is built into an optimizer as before."""
+    params, coeffs = _problem(6)
+    lrs = torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64)
+
+    def meta_loss(lr):
+        opt = mo.sgd(lr=lr, momentum=lr * 5, weight_decay=lr / 10)
+        return _meta_loss(opt, params, coeffs)
+
+    batched = torch.func.vmap(meta_loss)(lrs)
+    for i, lr in enumerate(lrs):
+        torch.testing.assert_close(batched[i], meta_loss(lr), rtol=1e-14, atol=0)
+    grads = torch.func.vmap(torch.func.grad(meta_loss))(lrs)
+    for i, lr in enumerate(lrs):
+        lr = lr.clone().requires_grad_()
+        (want,) = torch.autograd.grad(meta_loss(lr), lr)
+        torch.testing.assert_close(grads[i], want, rtol=1e-12, atol=0)
+
+
+def test_per_parameter_lr_shapes_are_checked_per_task_under_vmap():
+    """Under vmap the shapes compared are the per-task ones: a batch of Meta-SGD rates of the
+    params' shape (or of 0-d MAML++ rates) fits; a batch of wrongly shaped rates does not."""
+    params, coeffs = _problem(7)
+
+    def adapted_w(lr):
+        return _meta_loss(mo.sgd(lr=lr), params, coeffs)
+
+    per_element = {k: torch.rand(4, *v.shape, dtype=torch.float64) for k, v in params.items()}
+    per_tensor = {k: torch.rand(4, dtype=torch.float64) for k in params}
+    for lr in (per_element, per_tensor):
+        out = torch.func.vmap(adapted_w)(lr)
+        for i in range(4):
+            want = adapted_w({k: v[i] for k, v in lr.items()})
+            torch.testing.assert_close(out[i], want, rtol=1e-14, atol=0)
+    wrong = {"w": torch.rand(4, 3, dtype=torch.float64), "b": per_tensor["b"]}  # w is (3, 2)
+    with pytest.raises(ValueError, match=r"lr\['w'\] has shape \(3,\), but params leaf \['w'\]"):
+        torch.func.vmap(adapted_w)(wrong)

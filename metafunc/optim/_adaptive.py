@@ -16,7 +16,7 @@ import torch
 from .. import _tree
 from .._typing import Hyper, Updates
 from . import _hyper
-from ._base import GradientTransformation, _count
+from ._base import GradientTransformation, _count, check_state
 from ._hyper import safe_sqrt
 
 
@@ -39,8 +39,7 @@ def _check_init(call: str, params, hypers: dict[str, Hyper]) -> None:
     """Validates params and, for per-parameter hyperparameters, their match with the params."""
     _tree.check_floating(f"{call}.init", params)
     for name, value in hypers.items():
-        if _hyper.is_tree(value):
-            _hyper.leaves(f"{call}.init", name, value, params)
+        _hyper.match(f"{call}.init", name, value, params)
 
 
 def _per_leaf(call: str, hypers: dict[str, Hyper], updates) -> list[list]:
@@ -94,6 +93,7 @@ def scale_by_adam(
         )
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByAdamState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
@@ -154,6 +154,7 @@ def scale_by_adamax(
         return ScaleByAdamaxState(_count(params), _zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByAdamaxState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
@@ -208,6 +209,7 @@ def scale_by_nadam(
         return ScaleByNadamState(_count(params), ones, _zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByNadamState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
@@ -274,6 +276,7 @@ def scale_by_radam(
         return ScaleByRadamState(_count(params), _zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByRadamState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.mu", state.mu)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
@@ -326,6 +329,7 @@ def scale_by_rms(
         return ScaleByRmsState(_zeros(params), _zeros(params) if centered else ())
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByRmsState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.nu", state.nu)
         leaves, spec = optree.tree_flatten(updates)
         alphas, epss = _per_leaf(call, hypers, updates)
@@ -380,6 +384,7 @@ def scale_by_adagrad(
         return ScaleByAdagradState(_count(params), optree.tree_unflatten(spec, sums))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByAdagradState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.sum", state.sum)
         leaves, spec = optree.tree_flatten(updates)
         t = _step(state.step)
@@ -415,6 +420,7 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
         return ScaleByAdadeltaState(_zeros(params), _zeros(params))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByAdadeltaState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.nu", state.nu)
         leaves, spec = optree.tree_flatten(updates)
         rhos, epss = _per_leaf(call, hypers, updates)
@@ -469,7 +475,7 @@ def scale_by_rprop(
     if isinstance(etaplus, (int, float)) and etaplus == 1:
         raise ValueError(f"{call}: expected 0 < etas[0] < 1 < etas[1], got etas={tuple(etas)}.")
     smin = _hyper.check(call, "step_sizes[0]", step_sizes[0], low=0.0)
-    smax = _hyper.check(call, "step_sizes[1]", step_sizes[1], low=0.0)
+    smax = _hyper.check(call, "step_sizes[1]", step_sizes[1], low=0.0, allow_inf=True)
     hypers = {"etas[0]": etaminus, "etas[1]": etaplus, "step_sizes[0]": smin, "step_sizes[1]": smax}
 
     def init(params):
@@ -480,6 +486,7 @@ def scale_by_rprop(
         return ScaleByRpropState(_zeros(params), optree.tree_unflatten(spec, steps))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByRpropState)
         _tree.check_same(f"{call}.update", "updates", updates, "state.prev", state.prev)
         leaves, spec = optree.tree_flatten(updates)
         ems, eps_, lows, highs = _per_leaf(call, hypers, updates)
@@ -533,7 +540,7 @@ def scale_by_asgd(
     _hyper.check(call, "alpha", alpha)
     if _hyper.is_tree(t0) or isinstance(t0, torch.Tensor):
         raise TypeError(f"{call}: expected t0 to be a number, got {type(t0).__name__}.")
-    _hyper.check(call, "t0", t0)
+    _hyper.check(call, "t0", t0, allow_inf=True)
     hypers = {"lr": lr, "lambd": lambd, "alpha": alpha}
 
     def init(params):
@@ -541,6 +548,7 @@ def scale_by_asgd(
         return ScaleByAsgdState(_count(params), _zeros(params))
 
     def update(updates, state, params=None):
+        check_state(f"{call}.update", call, state, ScaleByAsgdState)
         if params is None:
             raise ValueError(
                 f"{call}.update: ASGD's decay term needs the current params, got params=None. "

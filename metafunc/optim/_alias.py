@@ -13,7 +13,7 @@ import torch
 
 from .._typing import Hyper
 from . import _adaptive, _hyper
-from ._base import GradientTransformation, chain
+from ._base import GradientTransformation, _chain
 from ._transforms import add_decayed_weights, scale, scale_by_learning_rate, trace
 
 
@@ -22,11 +22,14 @@ def _used(value: Hyper) -> bool:
     return isinstance(value, torch.Tensor) or _hyper.is_tree(value) or value != 0
 
 
-def _build(maximize: bool, *parts: GradientTransformation | None) -> GradientTransformation:
+def _build(
+    name: str, maximize: bool, *parts: GradientTransformation | None
+) -> GradientTransformation:
+    """The chain of ``parts`` (``None``: left out), named ``name`` in its errors."""
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}.")
     pre = [scale(-1.0)] if maximize else []
-    return chain(*pre, *[p for p in parts if p is not None])
+    return _chain(name, (*pre, *[p for p in parts if p is not None]))
 
 
 def sgd(
@@ -46,7 +49,8 @@ def sgd(
         \\theta_t = \\theta_{t-1} - lr\\,(g_t + \\mu b_t \\text{ if nesterov else } b_t)
 
     Args:
-        lr: learning rate: a number, a learnable tensor, or a pytree of tensors matching the params.
+        lr: learning rate: a number, a learnable tensor, or a pytree of tensors matching the params
+            (each 0-d or of its param's shape).
         momentum: momentum factor ``mu``.
         dampening: dampening ``tau`` for momentum.
         weight_decay: L2 penalty ``lambda``.
@@ -68,10 +72,13 @@ def sgd(
     if nesterov and not (
         isinstance(momentum, torch.Tensor) or _hyper.is_tree(momentum) or momentum > 0
     ):
-        raise ValueError("sgd(nesterov=True): Nesterov momentum requires momentum > 0, got 0.")
+        raise ValueError(
+            f"sgd(nesterov=True): Nesterov momentum requires momentum > 0, got {momentum}."
+        )
     if nesterov and _used(dampening):
         raise ValueError("sgd(nesterov=True): Nesterov momentum requires dampening=0.")
     return _build(
+        "sgd",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         trace(momentum, dampening, nesterov) if _used(momentum) else None,
@@ -112,8 +119,22 @@ def adam(
         >>> updates["w"].detach(), torch.autograd.grad(updates["w"].sum(), lr)
         (tensor([-0.1000]), (tensor(-1.0000),))
     """
+    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
+
+
+def _adam(
+    name: str,
+    lr: Hyper,
+    betas: Sequence[Hyper],
+    eps: Hyper,
+    weight_decay: Hyper,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> GradientTransformation:
     wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
     return _build(
+        name,
         maximize,
         None if decoupled_weight_decay else wd,
         _adaptive.scale_by_adam(betas, eps, amsgrad),
@@ -133,9 +154,7 @@ def adamw(
 ) -> GradientTransformation:
     """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay (Loshchilov & Hutter,
     arXiv:1711.05101): ``theta_t = theta_{t-1} (1 - lr * weight_decay) - lr * adam_direction``."""
-    return adam(
-        lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True
-    )
+    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, maximize, True)
 
 
 def adamax(
@@ -151,6 +170,7 @@ def adamax(
     See :func:`scale_by_adamax`.
     """
     return _build(
+        "adamax",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         _adaptive.scale_by_adamax(betas, eps),
@@ -171,6 +191,7 @@ def nadam(
     """NAdam, as ``torch.optim.NAdam`` (Dozat 2016); see :func:`scale_by_nadam`."""
     wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
     return _build(
+        "nadam",
         maximize,
         None if decoupled_weight_decay else wd,
         _adaptive.scale_by_nadam(betas, eps, momentum_decay),
@@ -194,6 +215,7 @@ def radam(
     """
     wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
     return _build(
+        "radam",
         maximize,
         None if decoupled_weight_decay else wd,
         _adaptive.scale_by_radam(betas, eps),
@@ -215,6 +237,7 @@ def rmsprop(
     """RMSprop, as ``torch.optim.RMSprop``; momentum accumulates the scaled gradient
     (``b_t = momentum * b_{t-1} + g_t / (sqrt(v_t) + eps)``), as torch does."""
     return _build(
+        "rmsprop",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         _adaptive.scale_by_rms(alpha, eps, centered),
@@ -237,6 +260,7 @@ def adagrad(
     See :func:`scale_by_adagrad`.
     """
     return _build(
+        "adagrad",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         _adaptive.scale_by_adagrad(lr_decay, eps, initial_accumulator_value),
@@ -257,6 +281,7 @@ def adadelta(
     See :func:`scale_by_adadelta`.
     """
     return _build(
+        "adadelta",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         _adaptive.scale_by_adadelta(rho, eps),
@@ -275,7 +300,7 @@ def rprop(
 
     See :func:`scale_by_rprop`.
     """
-    return _build(maximize, _adaptive.scale_by_rprop(lr, etas, step_sizes), scale(-1.0))
+    return _build("rprop", maximize, _adaptive.scale_by_rprop(lr, etas, step_sizes), scale(-1.0))
 
 
 def asgd(
@@ -293,6 +318,7 @@ def asgd(
     ``state[-1].ax``.
     """
     return _build(
+        "asgd",
         maximize,
         add_decayed_weights(weight_decay) if _used(weight_decay) else None,
         _adaptive.scale_by_asgd(lr, lambd, alpha, t0),

@@ -42,6 +42,46 @@ class MaskedNode(NamedTuple):
     """Stands in for a leaf excluded by :func:`masked`: an empty node in optree and torch."""
 
 
+class StateTypeError(TypeError):
+    """An ``update`` got a state that its optimizer's ``init`` does not make.
+
+    Raised by :func:`check_state` in the transform that keeps the state; :func:`chain` and
+    :func:`masked` re-raise it (:meth:`seen_from`) with the position in their own state, so that the
+    message names the call the user made.
+    """
+
+    def __init__(self, message: str, info: tuple[str, bool, str, str, str] | None = None) -> None:
+        super().__init__(message)
+        self.info = info  # (owner, owner is a named optimizer, expected, seen, where)
+
+    @classmethod
+    def make(
+        cls, call: str, owner: str, named: bool, expected: str, seen: str, where: str
+    ) -> StateTypeError:
+        at = f" at state{where}, where {owner} keeps" if where else f"; {owner} keeps"
+        return cls(
+            f"{call}: expected the state from this optimizer's init, got a {seen}{at} a "
+            f"{expected}. Pass the state from this optimizer's init (state = opt.init(params), "
+            f"then the state each update returns); the state of another optimizer does not fit.",
+            (owner, named, expected, seen, where),
+        )
+
+    def seen_from(self, call: str, where: str, name: str | None = None) -> StateTypeError:
+        """The same mismatch as seen by an enclosing transform; ``where`` indexes its state."""
+        assert self.info is not None
+        owner, named, expected, seen, inner = self.info
+        if name is not None and not named:
+            owner, named = name, True
+        return self.make(call, owner, named, expected, seen, where + inner)
+
+
+def check_state(call: str, owner: str, state: object, expected: type) -> None:
+    """Raises a ``TypeError`` unless ``state`` is the ``expected`` state type (an ``isinstance``
+    check: free under ``vmap`` and ``torch.compile``)."""
+    if not isinstance(state, expected):
+        raise StateTypeError.make(call, owner, False, expected.__name__, type(state).__name__, "")
+
+
 def _count(params: PyTree) -> torch.Tensor:
     leaves = optree.tree_leaves(params)
     device = leaves[0].device if leaves and isinstance(leaves[0], torch.Tensor) else None
@@ -67,20 +107,33 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain(*transforms): expected GradientTransformation objects, got "
                 f"{type(t).__name__} at position {i}. Call the factory, e.g. sgd(lr=0.1), not sgd."
             )
+    return _chain(None, transforms)
+
+
+def _chain(
+    name: str | None, transforms: tuple[GradientTransformation, ...]
+) -> GradientTransformation:
+    """:func:`chain`, named in errors after the optimizer it builds (``name``, e.g. ``adam``)."""
+    call = f"{name or 'chain'}(...).update"
 
     def init(params: Params) -> OptState:
         return tuple(t.init(params) for t in transforms)
 
     def update(updates, state, params=None):
-        if not isinstance(state, tuple) or len(state) != len(transforms):
+        plain = isinstance(state, tuple) and not hasattr(type(state), "_fields")  # no NamedTuple
+        if not plain or len(state) != len(transforms):
             raise ValueError(
-                f"chain(...).update: expected the state returned by this optimizer's init (a tuple "
-                f"of {len(transforms)} states), got {type(state).__name__}. Did you pass the state "
-                f"of another optimizer?"
+                f"{call}: expected the state returned by this optimizer's init (a tuple of "
+                f"{len(transforms)} states), got {type(state).__name__}"
+                f"{f' of {len(state)} states' if plain else ''}. Did you pass the state of "
+                f"another optimizer? Pass the state from this optimizer's init."
             )
         new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+        for i, (t, s) in enumerate(zip(transforms, state)):
+            try:
+                updates, s = t.update(updates, s, params)
+            except StateTypeError as e:
+                raise e.seen_from(call, f"[{i}]", name) from None
             new_state.append(s)
         return updates, tuple(new_state)
 
@@ -168,10 +221,17 @@ def masked(
         return MaskedState(inner.init(masked_params))
 
     def update(updates, state, params=None):
+        call = "masked(inner, mask).update"
+        check_state(call, "masked", state, MaskedState)
         m = resolve(updates)
         masked_updates = _apply_mask(m, updates)
         masked_params = None if params is None else _apply_mask(m, params)
-        new_updates, inner_state = inner.update(masked_updates, state.inner_state, masked_params)
+        try:
+            new_updates, inner_state = inner.update(
+                masked_updates, state.inner_state, masked_params
+            )
+        except StateTypeError as e:
+            raise e.seen_from(call, ".inner_state") from None
         merged = optree.tree_map(
             lambda keep, new, old: new if keep else old, m, new_updates, updates
         )

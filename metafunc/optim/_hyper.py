@@ -1,16 +1,20 @@
 """Hyperparameters: Python numbers, learnable tensors, or pytrees of tensors matching the params.
 
-Validation happens once, in the optimizer's factory (``adam(lr=...)``); per-leaf resolution happens
-in ``update`` and is a cheap lookup.
+Validation happens once, in the optimizer's factory (``adam(lr=...)``); the match of tensor and
+per-parameter values with the params is checked in ``init`` and, as a cheap shape comparison, in
+``update``, where each leaf's value is looked up.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
+from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._tree import format_path
 from .._typing import Hyper, PyTree
@@ -18,6 +22,50 @@ from .._typing import Hyper, PyTree
 
 def is_tree(value: Hyper) -> bool:
     return not isinstance(value, (numbers.Real, torch.Tensor))
+
+
+def match(call: str, name: str, value: Hyper, params: PyTree) -> None:
+    """In ``init``: checks that a tensor or per-parameter ``value`` fits the params (see
+    :func:`leaves`); numbers fit any params."""
+    if not isinstance(value, numbers.Real):
+        leaves(call, name, value, params)
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read here: a plain eager CPU tensor.
+
+    Not while ``torch.compile`` or ``torch.jit`` traces, not for tensors wrapped by ``torch.func``
+    transforms (``vmap``'s batched tensors, ``grad``'s tracked ones), tensor subclasses (fake,
+    functional) or under a dispatch mode; and not on an accelerator, where reading a value would
+    stall the device in a factory that meta-learners call at every meta-step.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    if is_batchedtensor(t) or is_functorch_wrapped_tensor(t):
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return t.device.type == "cpu"
+
+
+def _not_finite(value: numbers.Real | torch.Tensor, allow_inf: bool) -> str | None:
+    """How ``value`` fails to be finite (NaN; inf unless ``allow_inf``), or ``None`` if it does not
+    (or, for a tensor, if its values cannot be read here)."""
+    if isinstance(value, torch.Tensor):
+        if not _readable(value):
+            return None
+        v = value.detach()
+        ok = bool((~torch.isnan(v)).all()) if allow_inf else bool(torch.isfinite(v).all())
+        what = "NaN" if allow_inf else "NaN or inf"
+        return None if ok else f"a tensor of shape {tuple(value.shape)} holding {what}"
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    bad = math.isnan(number) or (math.isinf(number) and not allow_inf)
+    return f"{value}" if bad else None
 
 
 def check(
@@ -28,27 +76,41 @@ def check(
     low: float | None = None,
     high: float | None = None,
     high_open: bool = False,
+    allow_inf: bool = False,
 ) -> Hyper:
     """Validates a hyperparameter in a factory and returns it unchanged.
 
-    Python numbers are range-checked (``low <= value <= high``, or ``< high`` with ``high_open``);
-    tensors must be floating point; pytrees must hold only numbers and floating-point tensors.
-    Tensor values are not range-checked: they may be traced, batched or learnable.
+    Python numbers must be finite (NaN is always rejected; ``inf`` only where ``allow_inf`` says
+    it means "no bound") and are range-checked (``low <= value <= high``, or ``< high`` with
+    ``high_open``); tensors must be floating point; pytrees must hold only numbers and
+    floating-point tensors, their numbers finite. Tensor values are not range-checked: they may be
+    traced, batched or learnable. A tensor whose values can be read without disturbing a
+    transform, a trace or a device (see :func:`_readable`) must be finite.
     """
     if isinstance(value, bool):
         raise TypeError(
             f"{call}: expected {name} to be a number, a floating-point tensor or a pytree of them, "
             f"got bool {value}. Pass a float, e.g. {name}=0.1."
         )
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    interval = f"[{lo}, {hi}{')' if high_open else ']'}"
+    finite = "a finite number or inf" if allow_inf else "finite"
     if isinstance(value, numbers.Real):
-        number = float(value)
+        seen = _not_finite(value, allow_inf)
+        if seen is not None:
+            raise ValueError(
+                f"{call}: expected {name} to be {finite}, got {seen}. Pass a finite number in "
+                f"{interval}."
+            )
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf if cast(Any, value) > 0 else -math.inf
         bad = (low is not None and number < low) or (
             high is not None and (number >= high if high_open else number > high)
         )
         if bad:
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            interval = f"[{lo}, {hi}{')' if high_open else ']'}"
             raise ValueError(
                 f"{call}: expected {name} in {interval}, got {value}. Pass a value in range."
             )
@@ -59,6 +121,11 @@ def check(
                 f"{call}: expected {name} to be a floating-point tensor, got dtype {value.dtype}. "
                 f"Use torch.tensor({name}_value, dtype=torch.float64) (or the params' dtype)."
             )
+        seen = _not_finite(value, allow_inf)
+        if seen is not None:
+            raise ValueError(
+                f"{call}: expected {name} to be {finite}, got {seen}. Pass finite values."
+            )
         return value
     paths, leaves, _ = optree.tree_flatten_with_path(value)
     if not leaves:
@@ -67,40 +134,90 @@ def check(
             f"matching the params, got {type(value).__name__} with no leaves."
         )
     for path, leaf in zip(paths, leaves):
+        where = f"{name}{format_path(path)}"
         if isinstance(leaf, bool) or not isinstance(leaf, (numbers.Real, torch.Tensor)):
             raise TypeError(
                 f"{call}: expected {name} to be a number, a floating-point tensor or a pytree of "
-                f"them matching the params, got {type(leaf).__name__} at {name}{format_path(path)}."
+                f"them matching the params, got {type(leaf).__name__} at {where}."
             )
         if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point():
             raise TypeError(
                 f"{call}: expected floating-point tensors in {name}, got dtype {leaf.dtype} at "
-                f"{name}{format_path(path)}."
+                f"{where}."
+            )
+        seen = _not_finite(leaf, allow_inf)
+        if seen is not None:
+            raise ValueError(
+                f"{call}: expected {name} to be {finite} for every params leaf, got {seen} at "
+                f"{where}. Pass finite values."
             )
     return value
+
+
+def _fits_leaf(value: torch.Tensor, leaf: Any) -> bool:
+    """A per-parameter tensor fits its leaf: one number (not adding dims), or the leaf's shape."""
+    if value.dim() == 0 or not isinstance(leaf, torch.Tensor):
+        return True
+    return value.shape == leaf.shape or (value.numel() == 1 and value.dim() <= leaf.dim())
+
+
+def _broadcasts_unchanged(value: torch.Tensor, leaf: Any) -> bool:
+    """A shared tensor fits every leaf it broadcasts to without changing the leaf's shape."""
+    if value.dim() == 0 or not isinstance(leaf, torch.Tensor):
+        return True
+    try:
+        return torch.broadcast_shapes(value.shape, leaf.shape) == leaf.shape
+    except RuntimeError:
+        return False
 
 
 def leaves(call: str, name: str, value: Any, tree: PyTree) -> list:
     """The hyperparameter's value for each leaf of ``tree`` (aligned with ``optree.tree_leaves``).
 
-    A number or tensor is shared by every leaf. A pytree is matched to ``tree`` by key path, so a
-    hyperparameter tree that matches the full params also serves a masked sub-tree of them.
+    A number or tensor is shared by every leaf; a shared tensor must broadcast to each leaf's
+    shape without changing it. A pytree is matched to ``tree`` by key path, so a hyperparameter
+    tree that matches the full params also serves a masked sub-tree of them (entries for leaves
+    not in ``tree`` are ignored); each of its tensors must be 0-d (or hold one number without
+    adding dimensions) or have exactly its leaf's shape. Under ``vmap`` the shapes compared are the
+    per-task ones.
     """
     if not is_tree(value):
-        return [value] * optree.tree_structure(tree).num_leaves
+        tleaves = optree.tree_leaves(tree)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            for i, leaf in enumerate(tleaves):
+                if not _broadcasts_unchanged(value, leaf):
+                    key = format_path(optree.tree_paths(tree)[i])
+                    raise ValueError(
+                        f"{call}: the {name} tensor has shape {tuple(value.shape)}, which does "
+                        f"not broadcast to params leaf {key} of shape {tuple(leaf.shape)} without "
+                        f"changing it. One {name} tensor applies to every leaf: pass a 0-d tensor "
+                        f"(torch.tensor(0.1)), or a per-parameter pytree, e.g. "
+                        f"{{k: torch.full_like(p, 0.1) for k, p in params.items()}}."
+                    )
+        return [value] * len(tleaves)
     if optree.tree_structure(value) == optree.tree_structure(tree):
-        return optree.tree_leaves(value)
-    vpaths, vleaves, _ = optree.tree_flatten_with_path(value)
-    lookup = dict(zip(vpaths, vleaves))
-    tpaths = optree.tree_paths(tree)
-    missing = [format_path(p) for p in tpaths if p not in lookup]
-    if missing:
-        raise ValueError(
-            f"{call}: the pytree given as {name} has no entry for params leaf "
-            f"{', '.join(missing[:5])}. A per-parameter {name} needs one value for every "
-            f"trainable leaf, e.g. {{k: torch.tensor(0.1) for k in params}}."
-        )
-    return [lookup[p] for p in tpaths]
+        values = optree.tree_leaves(value)
+    else:
+        vpaths, vleaves, _ = optree.tree_flatten_with_path(value)
+        lookup = dict(zip(vpaths, vleaves))
+        tpaths = optree.tree_paths(tree)
+        missing = [format_path(p) for p in tpaths if p not in lookup]
+        if missing:
+            raise ValueError(
+                f"{call}: the pytree given as {name} has no entry for params leaf "
+                f"{', '.join(missing[:5])}. A per-parameter {name} needs one value for every "
+                f"trainable leaf, e.g. {{k: torch.tensor(0.1) for k in params}}."
+            )
+        values = [lookup[p] for p in tpaths]
+    for i, (v, leaf) in enumerate(zip(values, optree.tree_leaves(tree))):
+        if isinstance(v, torch.Tensor) and not _fits_leaf(v, leaf):
+            key = format_path(optree.tree_paths(tree)[i])
+            raise ValueError(
+                f"{call}: {name}{key} has shape {tuple(v.shape)}, but params leaf {key} has shape "
+                f"{tuple(leaf.shape)}. A per-parameter {name} is a 0-d tensor or a tensor of "
+                f"exactly its param's shape, e.g. torch.full_like(param, 0.1)."
+            )
+    return values
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from .. import _tree
 from .._typing import Hyper, Scalar, Updates
 from . import _hyper
-from ._base import EmptyState, GradientTransformation, _count
+from ._base import EmptyState, GradientTransformation, _count, check_state
 
 
 def _needs_params(call: str, params) -> None:
@@ -26,8 +26,7 @@ def scale(step_size: Hyper) -> GradientTransformation:
     _hyper.check("scale(step_size)", "step_size", step_size)
 
     def init(params):
-        if _hyper.is_tree(step_size):
-            _hyper.leaves("scale.init", "step_size", step_size, params)
+        _hyper.match("scale.init", "step_size", step_size, params)
         return EmptyState()
 
     def update(updates, state, params=None):
@@ -43,13 +42,13 @@ def scale_by_learning_rate(lr: Hyper) -> GradientTransformation:
     """Multiplies updates by ``-lr``: turns a descent direction into an additive update.
 
     ``lr`` may be a number, a tensor that requires grad (a learnable learning rate), or a pytree
-    of tensors matching the params (per-parameter or per-element rates, as in Meta-SGD).
+    of tensors matching the params (per-parameter or per-element rates, as in Meta-SGD): each
+    0-d or of exactly its param's shape. A number must be finite and ``>= 0``.
     """
     _hyper.check("scale_by_learning_rate(lr)", "lr", lr, low=0.0)
 
     def init(params):
-        if _hyper.is_tree(lr):
-            _hyper.leaves("scale_by_learning_rate.init", "lr", lr, params)
+        _hyper.match("scale_by_learning_rate.init", "lr", lr, params)
         return EmptyState()
 
     def update(updates, state, params=None):
@@ -73,8 +72,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
     _hyper.check("add_decayed_weights(weight_decay)", "weight_decay", weight_decay, low=0.0)
 
     def init(params):
-        if _hyper.is_tree(weight_decay):
-            _hyper.leaves("add_decayed_weights.init", "weight_decay", weight_decay, params)
+        _hyper.match("add_decayed_weights.init", "weight_decay", weight_decay, params)
         return EmptyState()
 
     def update(updates, state, params=None):
@@ -95,14 +93,19 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
     Follows :func:`torch.nn.utils.clip_grad_norm_`: with ``n`` the norm of all leaves together,
     updates are multiplied by ``min(1, max_norm / (n + 1e-6))``. The norm of an all-zero update has
-    derivative 0 (not NaN) under double backward.
+    derivative 0 (not NaN) under double backward. ``max_norm=float("inf")`` never clips.
     """
     if _hyper.is_tree(max_norm):
         raise TypeError(
             f"clip_by_global_norm(max_norm): expected a number or a 0-d tensor, got "
             f"{type(max_norm).__name__}. The global norm is one number for the whole tree."
         )
-    _hyper.check("clip_by_global_norm(max_norm)", "max_norm", max_norm, low=0.0)
+    if isinstance(max_norm, torch.Tensor) and max_norm.numel() != 1:
+        raise ValueError(
+            f"clip_by_global_norm(max_norm): expected a number or a 0-d tensor, got a tensor of "
+            f"shape {tuple(max_norm.shape)}. The global norm is one number for the whole tree."
+        )
+    _hyper.check("clip_by_global_norm(max_norm)", "max_norm", max_norm, low=0.0, allow_inf=True)
 
     def init(params):
         return EmptyState()
@@ -150,11 +153,12 @@ def trace(
 
     def init(params):
         _tree.check_floating("trace.init", params)
-        if _hyper.is_tree(momentum):
-            _hyper.leaves("trace.init", "momentum", momentum, params)
+        _hyper.match("trace.init", "momentum", momentum, params)
+        _hyper.match("trace.init", "dampening", dampening, params)
         return TraceState(_count(params), optree.tree_map(torch.zeros_like, params))
 
     def update(updates, state, params=None):
+        check_state("trace.update", "trace", state, TraceState)
         _tree.check_same("trace.update", "updates", updates, "state.trace", state.trace)
         leaves, spec = optree.tree_flatten(updates)
         mus = _hyper.leaves("trace.update", "momentum", momentum, updates)
