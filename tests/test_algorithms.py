@@ -1043,6 +1043,8 @@ def test_meta_batch_mistakes_are_named():
         maml.meta_grad(meta, (sx, sy), qx)
     with pytest.raises(ValueError, match=r"same two leading sizes, got \(2, 4, 1\) and \(4, 1\)"):
         maml.meta_grad(meta, (sx, sy[0]), (qx, qy))
+    with pytest.raises(ValueError, match=r"query has shape \(2, 0, 1\): no examples per task"):
+        maml.meta_grad(meta, (sx, sy), (qx[:, :0], qy[:, :0]))  # queries=0
     with pytest.raises(ValueError, match=r"support has 2 tasks but query has 1"):
         maml.meta_grad(meta, (sx, sy), (qx[:1], qy[:1]))
     with pytest.raises(ValueError, match=r"outputs have shape \(4, 1\) per task and the targets"):

@@ -199,6 +199,12 @@ class MetaLearner:
                     f"with the same two leading sizes, got {tuple(x.shape)} and {tuple(y.shape)}. "
                     "Stack the tasks of a meta-batch along dim 0 (metafunc.stack_tasks)."
                 )
+            if x.shape[1] == 0 or x.shape[0] == 0:
+                raise ValueError(
+                    f"{call}: {name} has shape {tuple(x.shape)}: no "
+                    f"{'tasks' if x.shape[0] == 0 else 'examples per task'}; a mean loss over "
+                    "nothing is nan. Sample at least one task and one example (shots, queries)."
+                )
             if tasks is not None and x.shape[0] != tasks:
                 raise ValueError(
                     f"{call}: support has {tasks} tasks but query has {x.shape[0]}; pass the "
