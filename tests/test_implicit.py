@@ -620,6 +620,22 @@ def test_normal_cg_and_dense_on_nonsymmetric_pytrees_match_linalg_solve(
     _assert_unchanged(snap)
 
 
+def test_dense_solve_of_a_singular_system_reports_it_instead_of_raising():
+    """A singular A: no LinAlgError (it would surface inside a backward pass); the residual is
+    inf, so converged is False and custom_root's if_not_converged policy decides."""
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=D)
+    b = torch.tensor([1.0, 2.0], dtype=D)
+    _, info = solve_dense(lambda v: A @ v, b)
+    assert float(info.residual) == math.inf and not bool(info.converged)
+
+    @custom_root(lambda x, a: a * a * x - a, solve=solve_dense, if_not_converged="raise")
+    def root(init, a):
+        return torch.ones_like(a)  # d/dx of the residual is a^2 = 0 at a = 0: singular
+
+    with pytest.raises(RuntimeError, match=r"the linear solve .* stopped at residual inf"):
+        root(None, torch.zeros(1, dtype=D, requires_grad=True)).sum().backward()
+
+
 @pytest.mark.parametrize("solver", ["cg", "normal_cg", "neumann", "dense"])
 def test_zero_dimensional_right_hand_side(solver, device):
     a, b = torch.tensor(2.5, dtype=D, device=device), torch.tensor(-1.5, dtype=D, device=device)

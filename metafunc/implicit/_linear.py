@@ -289,8 +289,11 @@ def solve_dense(
     M = torch.stack(columns, dim=1)
     if not (isinstance(ridge, (int, float)) and ridge == 0):
         M = M + ridge * eye
-    x_flat = torch.linalg.solve(M, b_flat)
+    # solve_ex: a singular A is reported by the residual (inf) and the caller's policy, not by
+    # a LinAlgError from inside a backward pass
+    x_flat = torch.linalg.solve_ex(M, b_flat)[0]
     residual = torch.linalg.vector_norm((M @ x_flat - b_flat).detach())
+    residual = torch.where(residual.isfinite(), residual, torch.full_like(residual, math.inf))
     thresh = _threshold(b, tol, atol)
     converged = residual <= thresh
     iterations = torch.full((), b_flat.shape[0], dtype=torch.long, device=b_flat.device)
