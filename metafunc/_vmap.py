@@ -41,6 +41,22 @@ def stack_tasks(tasks: Sequence[PyTree]) -> PyTree:
                 f"stack_tasks(tasks): task {i} has structure {optree.tree_structure(t)}, task 0 "
                 f"has {first}. Every task must have the same keys and nesting."
             )
+    columns = zip(*(optree.tree_leaves(t) for t in tasks))
+    paths = optree.tree_paths(tasks[0])
+    for path, column in zip(paths, columns):
+        if not all(isinstance(x, torch.Tensor) for x in column):
+            kind = next(type(x).__name__ for x in column if not isinstance(x, torch.Tensor))
+            raise TypeError(
+                f"stack_tasks(tasks): the leaf at {list(path)} is a {kind} in some task; every "
+                "leaf must be a tensor."
+            )
+        shapes = {tuple(x.shape) for x in column}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"stack_tasks(tasks): the leaf at {list(path)} has different shapes across tasks "
+                f"{sorted(shapes)}; tasks are stacked along a new dim 0, so each leaf needs one "
+                "shape (same shots and queries in every task)."
+            )
     return optree.tree_map(lambda *xs: torch.stack(xs), *tasks)
 
 
@@ -49,8 +65,17 @@ def unstack_tasks(batch: PyTree) -> list[PyTree]:
     leaves, spec = optree.tree_flatten(batch)
     if not leaves:
         return []
-    n = leaves[0].shape[0]
-    return [optree.tree_unflatten(spec, [x[i] for x in leaves]) for i in range(n)]
+    if not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+        raise TypeError(
+            "unstack_tasks(batch): expected a pytree of tensors with a task dimension (dim 0), "
+            "got a leaf that is not a tensor of at least one dimension."
+        )
+    sizes = sorted({x.shape[0] for x in leaves})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"unstack_tasks(batch): the leaves disagree on the number of tasks (dim 0): {sizes}."
+        )
+    return [optree.tree_unflatten(spec, [x[i] for x in leaves]) for i in range(sizes[0])]
 
 
 def _task_size(call: str, flat_args, flat_dims) -> int:

@@ -602,6 +602,28 @@ def _run_loop(*args, **kwargs):
             r"task 1 has structure .* Every task must have the same keys and nesting",
         ),
         (
+            lambda: metafunc.stack_tasks([{"x": torch.ones(2)}, {"x": torch.ones(3)}]),
+            ValueError,
+            r"stack_tasks\(tasks\): the leaf at \['x'\] has different shapes across tasks "
+            r"\[\(2,\), \(3,\)\]",
+        ),
+        (
+            lambda: metafunc.stack_tasks([{"x": torch.ones(2)}, {"x": 1.0}]),
+            TypeError,
+            r"the leaf at \['x'\] is a float in some task; every leaf must be a tensor",
+        ),
+        (
+            lambda: metafunc.unstack_tasks((torch.ones(2, 1), torch.ones(3, 1))),
+            ValueError,
+            r"unstack_tasks\(batch\): the leaves disagree on the number of tasks \(dim 0\): "
+            r"\[2, 3\]",
+        ),
+        (
+            lambda: metafunc.unstack_tasks({"a": torch.tensor(1.0)}),
+            TypeError,
+            r"expected a pytree of tensors with a task dimension",
+        ),
+        (
             lambda: metafunc.vmap_tasks(lambda x: x, strategy="jit"),
             ValueError,
             r"vmap_tasks\(func, \.\.\.\): expected strategy in \('auto', 'vmap', 'loop'\), got "
