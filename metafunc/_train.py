@@ -573,18 +573,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=_positive(int), default=None)
     p.add_argument("--inner-lr", type=_positive(float), default=None)
     p.add_argument("--outer-lr", type=_positive(float), default=1e-3)
-    p.add_argument("--first-order", action="store_true", help="first-order meta-gradient")
-    p.add_argument("--lam", type=_positive(float), default=2.0, help="iMAML's proximal strength")
+    # flags that apply to some algorithms or tasks only default to None here (a given flag that
+    # does not apply is an error) and get their defaults (_SCOPED) in parse()
     p.add_argument(
-        "--cg-steps", type=_positive(int), default=5, help="iMAML's conjugate-gradient steps"
+        "--first-order", action="store_true", default=None, help="first-order meta-gradient"
     )
+    p.add_argument("--lam", type=_positive(float), help="iMAML's proximal strength (2.0)")
+    p.add_argument("--cg-steps", type=_positive(int), help="iMAML's conjugate-gradient steps (5)")
     p.add_argument("--shots", type=_positive(int), default=None, help="support examples")
     p.add_argument("--queries", type=_positive(int), default=None, help="query examples")
-    p.add_argument("--ways", type=_positive(int), default=5, help="classes per episode (images)")
-    p.add_argument("--hidden", type=_positive(int), default=32, help="conv channels (images)")
-    p.add_argument("--classes", type=_positive(int), default=300, help="glyph classes")
+    p.add_argument("--ways", type=_positive(int), help="classes per episode (images; 5)")
+    p.add_argument("--hidden", type=_positive(int), help="conv channels (images; 32)")
+    p.add_argument("--classes", type=_positive(int), help="glyph classes (300)")
     p.add_argument("--data-path", default=None, help="Omniglot folder (no download)")
-    p.add_argument("--data-seed", type=int, default=0, help="class split and glyph seed")
+    p.add_argument("--data-seed", type=int, help="class split and glyph seed (images; 0)")
     p.add_argument("--eval-every", type=_positive(int), default=500)
     p.add_argument("--val-tasks", type=_positive(int), default=100)
     p.add_argument("--eval-tasks", type=_positive(int), default=600)
@@ -616,9 +618,33 @@ _DEFAULTS = {  # per task family: (meta_batch, shots, queries, inner_steps, inne
 }
 
 
+_MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "mamlpp")
+# flag: (default, the algorithms or tasks it applies to, "algorithm" or "task")
+_SCOPED: dict[str, tuple[Any, tuple[str, ...], str]] = {
+    "first_order": (False, _MAML_FAMILY, "algorithm"),
+    "lam": (2.0, ("imaml",), "algorithm"),
+    "cg_steps": (5, ("imaml",), "algorithm"),
+    "ways": (5, ("glyphs", "omniglot"), "task"),
+    "hidden": (32, ("glyphs", "omniglot"), "task"),
+    "classes": (300, ("glyphs",), "task"),
+    "data_path": (None, ("omniglot",), "task"),
+    "data_seed": (0, ("glyphs", "omniglot"), "task"),
+}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
+    for name, (default, scope, kind) in _SCOPED.items():
+        value = getattr(args, name)
+        if value is None:
+            setattr(args, name, default)
+        elif getattr(args, kind) not in scope:
+            flag = "--" + name.replace("_", "-")
+            p.error(
+                f"{flag} applies to --{kind} {' / '.join(scope)}, not {getattr(args, kind)}; "
+                "drop it"
+            )
     family = "sinusoid" if args.task == "sinusoid" else "image"
     meta_batch, shots, queries, inner_steps, inner_lr = _DEFAULTS[family]
     if args.algorithm in ("reptile", "leap", "warpgrad", "imaml") and args.inner_steps is None:

@@ -249,7 +249,7 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(tmp_path):
         (["--first-order"], "no --first-order", "--first-order"),
         (["--algorithm", "fomaml"], "--algorithm maml", "--algorithm fomaml"),
         (["--eval-tasks", "8"], "--eval-tasks 6", "--eval-tasks 8"),
-        (["--hidden", "8"], "--hidden 32", "--hidden 8"),
+        (["--inner-steps", "2"], "--inner-steps 1", "--inner-steps 2"),
     ]:
         with pytest.raises(SystemExit) as info:
             _run(tmp_path, *flags, "--steps", "3", "--resume", *other)
@@ -438,6 +438,11 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         (["--eval-tasks", "1"], "--eval-tasks must be at least 2, for a 95 % confidence interval"),
         (["--task", "glyphs", "--ways", "1"], "--ways must be at least 2 for classification"),
         (["--compile", "tensorrt9"], "--compile tensorrt9: not a torch.compile backend; use one"),
+        # flags that do not apply to the algorithm or task would be ignored silently
+        (["--lam", "1"], "--lam applies to --algorithm imaml, not maml; drop it"),
+        (["--algorithm", "reptile", "--first-order"], "--first-order applies to --algorithm maml"),
+        (["--ways", "3"], "--ways applies to --task glyphs / omniglot, not sinusoid; drop it"),
+        (["--task", "omniglot", "--classes", "9"], "--classes applies to --task glyphs, not omn"),
     ],
 )
 def test_bad_flags_exit_with_usage_error(argv, message, capsys):
