@@ -327,11 +327,16 @@ def _choose_strategy(args, fm, model, tasks, device) -> str:
 
 
 # -------------------------------------------------------------------------------------- run
+def _launched_processes() -> int:
+    """How many processes ``torchrun`` started (its WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _init_distributed(args: argparse.Namespace) -> torch.device:
     """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
     each CUDA process takes the device of its LOCAL_RANK."""
     device = torch.device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _launched_processes() <= 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -440,10 +445,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         states = None
         if hasattr(learner, "state_dict"):  # per-process state (WarpGrad's replay buffer)
-            states = [learner.state_dict()]
+            state = learner.state_dict()
+            states = [state]
             if distributed.world_size() > 1:
                 states = [None] * distributed.world_size()
-                torch.distributed.all_gather_object(states, learner.state_dict())
+                torch.distributed.all_gather_object(states, state)
         if not main_process:  # one writer; the others hold the same parameters
             return
         payload = {
@@ -666,7 +672,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.eval_tasks < 2:
         p.error("--eval-tasks must be at least 2, for a 95 % confidence interval")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    processes = _launched_processes()
     if args.meta_batch < processes:
         p.error(
             f"--meta-batch {args.meta_batch} is smaller than the {processes} torchrun processes "
@@ -687,7 +693,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized()
+    joins = _launched_processes() > 1 and not distributed.is_initialized()
     try:
         return run(args)
     finally:

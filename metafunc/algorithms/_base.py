@@ -163,9 +163,11 @@ class MetaLearner:
         """The top-level keys of :meth:`init`'s meta-parameters."""
         return {"params"}
 
-    def _check_meta_batch(self, call: str, meta: Any, support: Any, query: Any) -> None:
+    def _check_meta_batch(self, method: str, meta: Any, support: Any, query: Any) -> str:
         """Meta-parameters from :meth:`init` and two ``(inputs, targets)`` pairs stacked over the
-        same tasks; checked before any work, so mistakes are named here, not deep in torch."""
+        same tasks; checked before any work, so mistakes are named here, not deep in torch.
+        Returns the call's name for ``method`` (``"meta_grad"``, ``"evaluate"``)."""
+        call = f"{type(self).__name__}.{method}(meta, support, query)"
         keys = self._meta_keys()
         if not isinstance(meta, Mapping) or set(meta) != keys:
             seen = sorted(meta) if isinstance(meta, Mapping) else type(meta).__name__
@@ -217,6 +219,7 @@ class MetaLearner:
                     f"{call}: cross_entropy expects {name} targets as int64 class indices, got "
                     f"{y.dtype}; use {fix}."
                 )
+        return call
 
     def metrics(self, params: Params, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -243,9 +246,7 @@ class MetaLearner:
         fixed ``strategy``; eagerly by ``torch.autograd.grad``, about 20 % faster there (no
         functorch level around the whole inner loop). Both give the same numbers (tested).
         """
-        self._check_meta_batch(
-            f"{type(self).__name__}.meta_grad(meta, support, query)", meta, support, query
-        )
+        self._check_meta_batch("meta_grad", meta, support, query)
         run = self._map("task_loss", self.task_loss)
 
         def mean_loss(meta):
@@ -267,8 +268,7 @@ class MetaLearner:
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:
         """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``)."""
-        call = f"{type(self).__name__}.evaluate(meta, support, query)"
-        self._check_meta_batch(call, meta, support, query)
+        self._check_meta_batch("evaluate", meta, support, query)
         detached = optree.tree_map(lambda x: x.detach(), meta)
 
         def one(meta, support, query):

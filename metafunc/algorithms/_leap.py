@@ -96,8 +96,7 @@ class Leap(MetaLearner):
         return stop_gradient(self.trajectory(meta["params"], support)[-1][0])
 
     def meta_grad(self, meta, support: Batch, query: Batch):
-        call = f"{type(self).__name__}.meta_grad(meta, support, query)"
-        self._check_meta_batch(call, meta, support, query)
+        self._check_meta_batch("meta_grad", meta, support, query)
 
         def one(meta, support, query):
             points = self.trajectory(meta["params"], support)

@@ -98,12 +98,11 @@ class MAML(MetaLearner):
         adapt = names if adapt is None else _check_param_names(call, "adapt", adapt, model)
         if not adapt:
             raise ValueError(f"{call}: adapt is empty; name at least one param to adapt.")
-        _check_step_weights(call, step_weights, steps)
         self.inner_lr, self.steps, self.first_order = inner_lr, steps, bool(first_order)
         self.inner_opt = inner_opt  # SGD at inner_lr unless given; learned rates build their own
         self.adapted = [n for n in names if n in set(adapt)]
         self.learn_lr = learn_lr
-        self.step_weights = step_weights
+        self._set_step_weights(call, step_weights)
 
     @property
     def step_weights(self) -> list[float] | None:
@@ -117,7 +116,9 @@ class MAML(MetaLearner):
 
     @step_weights.setter
     def step_weights(self, weights: Sequence[float] | None) -> None:
-        call = f"{type(self).__name__}.step_weights"
+        self._set_step_weights(f"{type(self).__name__}.step_weights", weights)
+
+    def _set_step_weights(self, call: str, weights: Sequence[float] | None) -> None:
         checked = _check_step_weights(call, weights, self.steps)
         self._step_weights = None if checked is None else torch.tensor(checked, dtype=torch.float64)
 
@@ -127,17 +128,16 @@ class MAML(MetaLearner):
         new.__dict__.update(self.__dict__)
         new._maps = {}
         new._map("task_loss", new.task_loss)
-        checked = _check_step_weights("MAML.with_step_weights", step_weights, self.steps)
-        new.step_weights = checked
+        new._set_step_weights("MAML.with_step_weights", step_weights)
         return new
 
     def _meta_keys(self) -> set[str]:
         return {"params", "lr"} if self.learn_lr is not None else {"params"}
 
-    def _check_meta_batch(self, call: str, meta: Any, support: Any, query: Any) -> None:
-        super()._check_meta_batch(call, meta, support, query)
+    def _check_meta_batch(self, method: str, meta: Any, support: Any, query: Any) -> str:
+        call = super()._check_meta_batch(method, meta, support, query)
         if self.learn_lr is None:
-            return
+            return call
         lr = meta["lr"]
         for k in self.adapted:
             want = tuple(meta["params"][k].shape) if self.learn_lr == "per_param" else (self.steps,)
@@ -148,6 +148,7 @@ class MAML(MetaLearner):
                     f"{want}, got {'no entry' if got is None else got}. Start from this "
                     "learner's init() (meta-parameters of another learn_lr do not fit)."
                 )
+        return call
 
     def init(self) -> dict[str, PyTree]:
         """``{"params": model.params}``, plus ``{"lr": ...}`` when learning rates are learned."""

@@ -57,8 +57,7 @@ class Reptile(MetaLearner):
         return stop_gradient(result.params)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
-        call = f"{type(self).__name__}.meta_grad(meta, support, query)"
-        self._check_meta_batch(call, meta, support, query)
+        self._check_meta_batch("meta_grad", meta, support, query)
 
         def one(meta, support, query):
             phi = self.adapt(meta, support)

@@ -125,8 +125,7 @@ class WarpGrad(MetaLearner):
         return self._map("warpgrad-collect", one)(meta, support, query)
 
     def meta_grad(self, meta: Any, support: Batch, query: Batch):
-        call = f"{type(self).__name__}.meta_grad(meta, support, query)"
-        self._check_meta_batch(call, meta, support, query)
+        self._check_meta_batch("meta_grad", meta, support, query)
         points, init, metrics = self._collect(meta, support, query)
         n_tasks = support[0].shape[0]
         for i in range(n_tasks):
