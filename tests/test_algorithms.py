@@ -27,6 +27,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
+from _purity import assert_unchanged, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -174,16 +175,6 @@ def _maml_objective(meta, support, query, kind, steps, keys=None, lr=None, weigh
     return torch.tensor(total / n, dtype=D)
 
 
-def _snapshot(tree):
-    return [(x, x._version, x.detach().clone()) for x in optree.tree_leaves(tree)]
-
-
-def _assert_unchanged(snapshot):
-    for x, version, value in snapshot:
-        assert x._version == version
-        assert torch.equal(x.detach(), value)
-
-
 # ================================================================ MAML, second order: FD
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
@@ -256,9 +247,9 @@ def test_maml_with_an_adam_inner_loop_matches_torch_optim(device, first_order):
         fm, inner_opt=mo.adam(lr=0.05), steps=3, first_order=first_order, strategy="vmap"
     )
     meta = learner.init()
-    snapshot = _snapshot(meta)
+    before = snapshot(meta)
     grads, metrics = learner.meta_grad(meta, support, query)
-    _assert_unchanged(snapshot)
+    assert_unchanged(before)
 
     def adapted(theta, i):
         return _torch_adam(theta, _task(support, i), lr=0.05, steps=3)
@@ -886,7 +877,7 @@ def test_compiled_and_eager_gradient_paths_agree(device, monkeypatch, name):
     support, query = _tasks(3, 4, 5, 1, 1, "mse", seed=28, device=device)
     learner = _algorithms()[name](fm, "vmap")
     meta = learner.init()
-    snapshot = _snapshot(meta)
+    before = snapshot(meta)
     eager, eager_metrics = learner.meta_grad(meta, support, query)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     traced, traced_metrics = learner.meta_grad(meta, support, query)
@@ -894,7 +885,7 @@ def test_compiled_and_eager_gradient_paths_agree(device, monkeypatch, name):
     _close(traced_metrics, eager_metrics, rtol=1e-12, atol=1e-14)
     for g in optree.tree_leaves((eager, traced)):
         assert not g.requires_grad
-    _assert_unchanged(snapshot)
+    assert_unchanged(before)
 
 
 def test_vmap_equals_the_per_task_loop_for_classification(device):
@@ -917,10 +908,10 @@ def test_evaluate_is_per_task_without_meta_gradient_and_pure(name):
     support, query = _tasks(3, 4, 5, 1, 1, "mse", seed=32)
     learner = _algorithms()[name](fm, "vmap")
     meta = learner.init()
-    before = _snapshot((meta, support, query))
+    before = snapshot((meta, support, query))
     buffer = list(getattr(learner, "buffer", []))
     out = learner.evaluate(meta, support, query)
-    _assert_unchanged(before)
+    assert_unchanged(before)
     assert list(getattr(learner, "buffer", [])) == buffer  # evaluation does not feed the buffer
     assert set(out) == {"loss"}
     for v in out.values():

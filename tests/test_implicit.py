@@ -16,6 +16,7 @@ import numpy as np
 import optree
 import pytest
 import torch
+from _purity import assert_unchanged, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,16 +55,6 @@ def _unflat(vec: torch.Tensor, like):
     leaves, spec = optree.tree_flatten(like)
     parts = torch.split(vec, [x.numel() for x in leaves])
     return optree.tree_unflatten(spec, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
-
-
-def _snapshot(tree):
-    return [(x, x._version, x.detach().clone()) for x in optree.tree_leaves(tree)]
-
-
-def _assert_unchanged(snapshot):
-    for x, version, value in snapshot:
-        assert x._version == version
-        assert torch.equal(x.detach(), value)
 
 
 def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
@@ -344,10 +335,10 @@ def test_ridge_regression_backward_with_kwargs_and_passthrough_args(device):
     counts = torch.arange(3)
     X.requires_grad_(), y.requires_grad_(), lam.requires_grad_()
     init = torch.zeros(X.shape[1], dtype=D, device=device)
-    snap = _snapshot((X, y, lam, init, counts))
+    snap = snapshot((X, y, lam, init, counts))
     w = solver(init, X, counts, y=y, lam=lam, scale=3.0)
     (w @ c).backward()
-    _assert_unchanged(snap)
+    assert_unchanged(snap)
     assert torch.equal(seen["counts"], counts) and seen["scale"] == 3.0 and seen["note"] is None
     assert seen["grads"] == (False, False)  # the solver runs on detached arguments
     w_star, M = _ridge_closed_form(X.detach(), y.detach(), lam.detach())
@@ -571,7 +562,7 @@ def test_cg_and_neumann_on_spd_pytrees_match_linalg_solve(shapes, seed, ridge, d
     A = _spd(n, g).to(device)
     Ar = A + ridge * torch.eye(n, dtype=D, device=device)
     expected = torch.linalg.solve(Ar, _flat(b))
-    snap = _snapshot((A, b))
+    snap = snapshot((A, b))
     tol = 1e-12
     x, info = solve_cg(_matvec(A, b), b, ridge=ridge, tol=tol)
     assert optree.tree_structure(x) == optree.tree_structure(b)
@@ -583,7 +574,7 @@ def test_cg_and_neumann_on_spd_pytrees_match_linalg_solve(shapes, seed, ridge, d
     x, info = solve_neumann(_matvec(A, b), b, alpha=alpha, ridge=ridge, tol=tol, maxiter=400)
     torch.testing.assert_close(_flat(x), expected, rtol=1e-9, atol=1e-10)
     _check_info(info, Ar, x, b, tol, max_iters=400)
-    _assert_unchanged(snap)
+    assert_unchanged(snap)
 
 
 @with_device
@@ -596,7 +587,7 @@ def test_normal_cg_and_dense_on_nonsymmetric_pytrees_match_linalg_solve(
     n = sum(x.numel() for x in b.values())
     A = _nonsymmetric(n, g).to(device)
     eye = torch.eye(n, dtype=D, device=device)
-    snap = _snapshot((A, b))
+    snap = snapshot((A, b))
     tol = 1e-12
 
     # normal CG solves (A'A + ridge I) x = A'b
@@ -617,7 +608,7 @@ def test_normal_cg_and_dense_on_nonsymmetric_pytrees_match_linalg_solve(
     )
     _check_info(info, A + ridge * eye, x, b, tol)
     assert int(info.iterations) == n
-    _assert_unchanged(snap)
+    assert_unchanged(snap)
 
 
 def test_dense_solve_of_a_singular_system_reports_it_instead_of_raising():
@@ -763,7 +754,7 @@ def test_imaml_quadratic_closed_form(n, seed, lam, device):
     theta = theta0.clone().requires_grad_()
     lam_t = torch.tensor(lam, dtype=D, device=device, requires_grad=True)
     lr = 2 / (3.5 + 2 * lam)  # contraction 2.5 / (3.5 + 2 lam) <= 5/9
-    snap = _snapshot((theta, A, b))
+    snap = snapshot((theta, A, b))
     r = imaml(quadratic, {"w": theta}, mo.sgd(lr=lr), (A, b), lam=lam_t, steps=70, solve=TIGHT)
     assert isinstance(r, IMAMLResult) and r.losses.shape == (70,)
     M = A + lam * torch.eye(n, dtype=D, device=device)
@@ -774,7 +765,7 @@ def test_imaml_quadratic_closed_form(n, seed, lam, device):
     torch.testing.assert_close(g_theta, lam * torch.linalg.solve(M, phi - c), rtol=1e-8, atol=1e-10)
     expected_lam = (phi - c) @ torch.linalg.solve(M, theta0 - phi)
     torch.testing.assert_close(g_lam, expected_lam, rtol=1e-8, atol=1e-10)
-    _assert_unchanged(snap)
+    assert_unchanged(snap)
 
 
 # f(phi) = sin(3 phi) + 0.5 sin(5 phi + 1) + 0.1 phi^2: |f''| <= 21.7, so lam = 25 makes the
@@ -982,12 +973,12 @@ def test_imaml_graph_does_not_grow_with_inner_steps_and_inputs_are_unchanged():
     lam = torch.tensor(2.0, dtype=D, requires_grad=True)
     sizes = []
     for steps in (10, 100):
-        snap = _snapshot((theta, support, lam))
+        snap = snapshot((theta, support, lam))
         r = imaml(tanh_mse, theta, mo.sgd(lr=0.25), support, lam=lam, steps=steps, solve=TIGHT)
         assert not r.losses.requires_grad and not r.grad_norm.requires_grad
         sizes.append(_graph_nodes(list(r.params.values())))
         tanh_mse(r.params, query).backward()
-        _assert_unchanged(snap)
+        assert_unchanged(snap)
     assert sizes[0] == sizes[1]
 
 
