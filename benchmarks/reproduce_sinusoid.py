@@ -101,6 +101,19 @@ def evaluate(learner, meta, cfg: dict[str, Any]) -> torch.Tensor:
     return torch.cat(losses).double()
 
 
+def meta_step(cfg, learner, meta, leaves, outer, tasks, generator) -> dict[str, torch.Tensor]:
+    """One meta-step: a meta-batch of K-shot tasks (K queries), the meta-gradient, an outer Adam
+    step on ``leaves``; returns the per-task metrics."""
+    episode = tasks.sample(
+        cfg["meta_batch"], cfg["shots"], cfg["shots"], generator=generator, device=cfg["device"]
+    )
+    grads, metrics = learner.meta_grad(meta, episode.support, episode.query)
+    for leaf, g in zip(leaves, optree.tree_leaves(grads)):
+        leaf.grad = g
+    outer.step()
+    return metrics
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Meta-trains one (algorithm, K, seed) for ``steps`` meta-steps, then evaluates it."""
     torch.set_num_threads(cfg["threads"])
@@ -111,13 +124,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     steps, smooth, report = cfg["steps"], None, max(cfg["steps"] // 10, 1)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        episode = tasks.sample(
-            cfg["meta_batch"], cfg["shots"], cfg["shots"], generator=generator, device=cfg["device"]
-        )
-        grads, metrics = learner.meta_grad(meta, episode.support, episode.query)
-        for leaf, g in zip(leaves, optree.tree_leaves(grads)):
-            leaf.grad = g
-        outer.step()
+        metrics = meta_step(cfg, learner, meta, leaves, outer, tasks, generator)
         loss = metrics["loss"].mean().item()
         smooth = loss if smooth is None else 0.99 * smooth + 0.01 * loss
         if step % report == 0 or step == steps:
@@ -161,13 +168,7 @@ def time_steps(cfg: dict[str, Any], steps: int = 30) -> float:
     for i in range(steps + 5):
         if i == 5:
             t0 = time.perf_counter()
-        episode = tasks.sample(
-            cfg["meta_batch"], cfg["shots"], cfg["shots"], generator=generator, device=cfg["device"]
-        )
-        grads, _ = learner.meta_grad(meta, episode.support, episode.query)
-        for leaf, g in zip(leaves, optree.tree_leaves(grads)):
-            leaf.grad = g
-        outer.step()
+        meta_step(cfg, learner, meta, leaves, outer, tasks, generator)
     if cfg["device"] != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
