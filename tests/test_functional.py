@@ -869,9 +869,15 @@ def test_load_into_unwraps_data_parallel():
     fm = functionalize(net)
     params, buffers = new_values(fm, seed=6)
     target = round_trip_net("cpu", seed=1)
-    fm.load_into(nn.DataParallel(target), params, buffers)
-    assert_dicts_equal(dict(target.named_buffers()), buffers)
-    assert_dicts_equal({k: target.get_parameter(k) for k in params}, params)
+    wrapped = nn.DataParallel(target)  # with one GPU present, this moves target onto it
+    fm.load_into(wrapped, params, buffers)
+    device = target.lin1.weight.device
+    # load_into keeps the target's devices: compare with the values moved there
+    moved = {k: v.to(device) for k, v in buffers.items()}
+    assert_dicts_equal(dict(target.named_buffers()), moved)
+    assert_dicts_equal(
+        {k: target.get_parameter(k) for k in params}, {k: v.to(device) for k, v in params.items()}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,9 +886,10 @@ def test_load_into_unwraps_data_parallel():
 def test_unwraps_data_parallel():
     net = small_mlp()
     x = randn(torch.Generator().manual_seed(1), 4, 3)
-    fm = functionalize(nn.DataParallel(net))
+    fm = functionalize(nn.DataParallel(net))  # with one GPU present, this moves net onto it
     assert fm.params.keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert fm.params["0.weight"] is net[0].weight
+    x = x.to(net[0].weight.device)
     assert_close(fm(fm.params, x), net(x))
     assert type(fm.to_module()) is nn.Sequential
 
