@@ -111,14 +111,22 @@ def bench(prob: maml.Problem, device, args, repeats: int, min_sample_s: float) -
 
 
 def main() -> None:
-    parser = _harness.argument_parser(__doc__, quick_help="smoke test: few repeats; (b) 4 tasks")
+    parser = _harness.argument_parser(
+        __doc__,
+        quick_help="smoke test: few repeats; (b) 2 tasks; backend aot_eager unless --backend "
+        "is given (inductor's cold compile alone takes minutes)",
+    )
     parser.add_argument("--workloads", default="a,b", help="comma-separated subset of a,b")
     parser.add_argument("--steps-b", type=int, default=1, help="inner steps of (b) (default 1)")
     parser.add_argument("--inner", default="sgd", choices=["sgd", "adam"], help="inner optimizer")
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--backend", help="torch.compile backend (default inductor; aot_eager with --quick)"
+    )
     parser.add_argument("--repeats", type=int, help="samples per row (default a 15, b 5)")
     _harness.add_threads_argument(parser)
     args = parser.parse_args()
+    if args.backend is None:
+        args.backend = "aot_eager" if args.quick else "inductor"
     # a cold compile: inductor's on-disk caches (kept across runs) would hide the compile time
     cache = tempfile.TemporaryDirectory(prefix="metafunc_compile_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
@@ -140,7 +148,7 @@ def main() -> None:
     if "a" in workloads:
         bench(maml.sinusoid(device), device, args, repeats["a"], min_sample_s)
     if "b" in workloads:
-        prob = maml.omniglot(device, 4 if args.quick else 32, args.steps_b)
+        prob = maml.omniglot(device, 2 if args.quick else 32, args.steps_b)
         bench(prob, device, args, repeats["b"], min_sample_s)
     _harness.print_footer(start)
     cache.cleanup()

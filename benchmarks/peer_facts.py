@@ -163,7 +163,11 @@ def metafunc_implicit_facts() -> None:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="accepted for uniformity: the full run takes seconds"
+    )
+    parser.parse_args()
     metafunc_facts()
     torchopt_facts()
     higher_facts()
