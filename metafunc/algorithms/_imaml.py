@@ -19,7 +19,9 @@ class IMAML(MetaLearner):
 
     Per task: ``phi* = argmin L_support(phi) + lam/2 ||phi - theta||^2`` (``steps`` inner SGD
     steps); the meta-gradient of ``L_query(phi*)`` is ``(I + H/lam)^{-1} grad L_query(phi*)``,
-    by conjugate gradient (``solve``). Memory does not grow with ``steps``.
+    by conjugate gradient (``solve``). Memory does not grow with ``steps``. ``if_not_converged``,
+    ``tol`` and ``atol`` are those of :func:`metafunc.implicit.imaml`: by default a meta-gradient
+    whose inner problem ``steps`` did not solve (or whose CG did not converge) warns.
     """
 
     name = "imaml"
@@ -34,6 +36,8 @@ class IMAML(MetaLearner):
         lam: float = 1.0,
         solve: Callable[..., Any] | None = None,
         if_not_converged: str = "warn",
+        tol: float = 1e-3,
+        atol: float = 0.0,
         strategy: str = "auto",
     ) -> None:
         super().__init__(model, loss, strategy=strategy)
@@ -42,10 +46,10 @@ class IMAML(MetaLearner):
         _check_positive(call, "lam", lam)
         _check_positive_int(call, "steps", steps)
         # the solver and policy are checked now, not at the first meta_grad
-        _check_common(call, self.data_loss, solve or solve_cg, if_not_converged, None)
+        _check_common(call, self.data_loss, solve or solve_cg, if_not_converged, None, tol, atol)
         self.inner_opt = optim.sgd(lr=inner_lr)
         self.steps, self.lam, self.solve = steps, float(lam), solve
-        self.if_not_converged = if_not_converged
+        self.if_not_converged, self.tol, self.atol = if_not_converged, tol, atol
 
     def _solve(self, params, support: Batch):
         return imaml(
@@ -57,6 +61,8 @@ class IMAML(MetaLearner):
             steps=self.steps,
             solve=self.solve,
             if_not_converged=self.if_not_converged,
+            tol=self.tol,
+            atol=self.atol,
         )
 
     def task_loss(self, meta, support: Batch, query: Batch):

@@ -15,7 +15,7 @@ from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
 from ._linear import SolveInfo, plain, solve_cg
-from ._root import _check_common, _Root
+from ._root import _check_common, _norm, _Root
 
 __all__ = ["IMAMLResult", "imaml"]
 
@@ -47,6 +47,8 @@ def imaml(
     steps: int,
     solve: Callable[..., Any] | None = None,
     if_not_converged: str = "warn",
+    tol: float = 1e-3,
+    atol: float = 0.0,
     on_solve: Callable[[SolveInfo], None] | None = None,
 ) -> IMAMLResult:
     """Adapts ``params`` to a task by iMAML's proximal inner problem; implicit meta-gradient.
@@ -57,7 +59,8 @@ def imaml(
     outer loss ``L(phi*)``, the meta-gradient that ``.backward()`` delivers to ``params`` is
     ``(I + H / lam)^{-1} grad L(phi*)`` with ``H`` the Hessian of ``loss_fn`` at ``phi*``,
     computed by conjugate gradient on Hessian-vector products (Rajeswaran et al. 2019, eq. 7).
-    The formula assumes ``phi*`` is the minimiser; ``result.grad_norm`` says how close it is.
+    The formula assumes ``phi*`` is the minimiser; ``result.grad_norm`` says how close it is, and
+    the backward pass applies ``if_not_converged`` when it is not close enough (``tol``).
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``, the task's training loss.
@@ -70,8 +73,16 @@ def imaml(
             meta-gradient is ``lam u``); default
             ``functools.partial(solve_cg, tol=1e-6, maxiter=100)`` (``H + lam I`` is symmetric;
             positive-definite near a minimum).
-        if_not_converged, on_solve: as in :func:`custom_root`; ``on_solve`` gets per-task
-            residuals and iterations under ``vmap``.
+        if_not_converged: as in :func:`custom_root`: ``"warn"``, ``"raise"`` or ``"ignore"``
+            when the inner problem is not solved (see ``tol``) or the linear solve misses its
+            tolerance.
+        tol, atol: the inner problem counts as solved when ``||grad loss_fn(phi*) + lam (phi* -
+            params)|| <= max(tol * ||grad loss_fn(params)||, atol)``, i.e. ``steps`` steps
+            reduced the gradient they started from ``1 / tol``-fold (the relative error of the
+            meta-gradient is of that order). The start is the first inner step's gradient: no
+            extra cost.
+        on_solve: as in :func:`custom_root`: per-task residuals, iterations and
+            ``optimality`` (``result.grad_norm``) under ``vmap``.
 
     Example:
         >>> import torch, metafunc
@@ -111,7 +122,8 @@ def imaml(
         )
     if solve is None:
         solve = functools.partial(solve_cg, tol=1e-6, maxiter=100)
-    _check_common(call, loss_fn, solve, if_not_converged, on_solve)
+    _check_common(call, loss_fn, solve, if_not_converged, on_solve, tol, atol)
+    track = if_not_converged != "ignore"
 
     # The proximal term is differentiated in closed form (lam * (phi - theta)), not by autograd:
     # the inner steps and the optimality function cost one gradient of loss_fn each.
@@ -123,19 +135,33 @@ def imaml(
 
     def solver(init, theta, batch, lam):
         phi, state = init, opt.init(init)
-        losses = []
+        losses, start = [], None
         for _ in range(steps):
             g, value = loss_grad(phi, batch)
+            if start is None and track:  # phi = theta: the residual is grad loss_fn(theta)
+                start = _norm(g).detach()
             g = {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
             losses.append(value)
             updates, state = opt.update(g, state, phi)
             phi = apply_updates(phi, updates)
         g = optimality(phi, theta, batch, lam)
         norm = torch.stack([(x * x).sum() for x in optree.tree_leaves(g)]).sum().sqrt()
-        return stop_gradient(phi), (torch.stack(losses).detach(), norm.detach())
+        return stop_gradient(phi), (torch.stack(losses).detach(), norm.detach(), start)
 
     root = _Root(
-        "imaml(...)", optimality, solver, solve, True, if_not_converged, on_solve, check=False
+        "imaml(...)",
+        optimality,
+        solver,
+        solve,
+        has_aux=True,
+        if_not_converged=if_not_converged,
+        on_solve=on_solve,
+        tol=tol,
+        atol=atol,
+        check=False,
+        start_norm=lambda aux: aux[2],
+        residual=("grad loss_fn(phi) + lam (phi - params)", "grad loss_fn(params)"),
+        advice="Raise steps= or the inner learning rate, so that the inner problem is solved",
     )
-    phi, (losses, grad_norm) = root(stop_gradient(params), params, batch, lam)
+    phi, (losses, grad_norm, _) = root(stop_gradient(params), params, batch, lam)
     return IMAMLResult(phi, losses, grad_norm)

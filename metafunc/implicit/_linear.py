@@ -35,11 +35,16 @@ class SolveInfo(NamedTuple):
             iterative solvers the recursively updated residual.
         iterations: matrix-vector products spent (0-d integer tensor).
         converged: whether ``residual <= max(tol * ||b||, atol)``.
+        optimality: ``||F(sol, ...)||``, the norm of the optimality function at the solution
+            whose implicit gradient the solve computes (0 at an exact root), as reported to
+            ``on_solve`` by :func:`custom_root` and :func:`imaml`. The linear solvers, whose
+            optimality function is ``A x - b``, repeat ``residual`` here.
     """
 
     residual: torch.Tensor
     iterations: torch.Tensor
     converged: torch.Tensor
+    optimality: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------- tree helpers
@@ -151,7 +156,8 @@ def solve_cg(
         rs = torch.where(done, rs, rs_new)
         iterations = iterations + (~done).long()
         done = done | (rs.detach().sqrt() <= thresh)
-    return x, SolveInfo(rs.detach().sqrt(), iterations, done)
+    residual = rs.detach().sqrt()
+    return x, SolveInfo(residual, iterations, done, residual)
 
 
 def solve_normal_cg(
@@ -238,7 +244,7 @@ def solve_neumann(
         rn = torch.where(done, rn, _vdot(r, r).detach().sqrt())
         iterations = iterations + (~done).long()
         done = done | (rn <= thresh)
-    return x, SolveInfo(rn, iterations, done)
+    return x, SolveInfo(rn, iterations, done, rn)
 
 
 def solve_dense(
@@ -297,4 +303,4 @@ def solve_dense(
     thresh = _threshold(b, tol, atol)
     converged = residual <= thresh
     iterations = torch.full((), b_flat.shape[0], dtype=torch.long, device=b_flat.device)
-    return unravel(x_flat), SolveInfo(residual, iterations, converged)
+    return unravel(x_flat), SolveInfo(residual, iterations, converged, residual)

@@ -8,12 +8,18 @@ a linear solver built on vector-Jacobian products (no Hessian is formed) and ret
 
 The backward pass evaluates ``F`` at the *differentiable* solution, so second derivatives (a
 gradient of a gradient) are the implicit function's own, not those of a frozen solution.
+
+The theorem holds at a root only: at a point a solver stopped short of, ``-J^{-1} dF/dtheta`` is
+the derivative of nothing. That evaluation of ``F`` gives the residual ``||F(sol)||`` for free,
+and the backward pass compares it with ``max(tol * ||F(init)||, atol)`` (the residual the solver
+started from) before it trusts the formula.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +28,7 @@ import optree
 import torch
 
 from .._typing import PyTree
-from ._linear import SolveInfo, plain, solve_normal_cg
+from ._linear import SolveInfo, all_true, plain, solve_normal_cg
 
 __all__ = ["ImplicitSolveWarning", "custom_fixed_point", "custom_root"]
 
@@ -30,7 +36,8 @@ _POLICIES = ("warn", "raise", "ignore")
 
 
 class ImplicitSolveWarning(RuntimeWarning):
-    """The linear solve of an implicit gradient did not reach its tolerance."""
+    """An implicit gradient is inaccurate: the solution is not a root, or its linear solve did not
+    reach its tolerance."""
 
 
 def _is_diff(x: Any) -> bool:
@@ -39,6 +46,15 @@ def _is_diff(x: Any) -> bool:
 
 def _detach(tree: PyTree) -> PyTree:
     return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _norm(tree: PyTree) -> torch.Tensor:
+    """The Euclidean norm over all leaves of a pytree of tensors."""
+    leaves = optree.tree_leaves(tree)
+    total = torch.linalg.vector_norm(leaves[0]) ** 2
+    for x in leaves[1:]:
+        total = total + torch.linalg.vector_norm(x) ** 2
+    return total.sqrt()
 
 
 class _Problem:
@@ -60,13 +76,18 @@ class _Problem:
         sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
         return self.root.optimality_fn(sol, *args, **kwargs)
 
-    def backward(self, sol_leaves, diff_leaves, cotangents, needs) -> list:
+    def backward(self, sol_leaves, diff_leaves, cotangents, needs, limit) -> list:
         root = self.root
         sol_leaves, diff_leaves = tuple(sol_leaves), tuple(diff_leaves)
         v = optree.tree_unflatten(self.sol_spec, list(cotangents))
         F_sol = lambda s: self.residual(optree.tree_leaves(s), diff_leaves)
         sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
-        vjp_sol = torch.func.vjp(F_sol, sol)[1]
+        vjp = torch.func.vjp(F_sol, sol)
+        F_at_sol, vjp_sol = vjp[0], vjp[1]
+        optimality = None
+        if limit is not None or root.on_solve is not None:  # "ignore": nothing extra
+            optimality = _norm(F_at_sol)
+            root.check_optimality(optimality, limit)
 
         def matvec(w):  # J^T w
             return vjp_sol(w)[0]
@@ -83,7 +104,7 @@ class _Problem:
         out = root.solve(matvec, v, **solve_kwargs)
         u, info = out if isinstance(out, tuple) else (out, None)
         if info is not None:
-            root.report(info)
+            root.report(info, optimality)
         picked = [i for i, need in enumerate(needs) if need]
         if not picked:
             return [None] * len(diff_leaves)
@@ -105,23 +126,25 @@ class _Problem:
 class _Implicit(torch.autograd.Function):
     generate_vmap_rule = True
 
+    # limit: the tolerance on ||F(sol)|| (a tensor, batched like the tasks under vmap), or None
     @staticmethod
-    def forward(problem, n_sol, *tensors):
+    def forward(problem, n_sol, limit, *tensors):
         return tuple(t.clone() for t in tensors[:n_sol])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        problem, n_sol, *tensors = inputs
-        ctx.problem, ctx.n_sol = problem, n_sol
-        ctx.save_for_backward(*output, *tensors[n_sol:])
+        problem, n_sol, limit, *tensors = inputs
+        ctx.problem, ctx.n_sol, ctx.has_limit = problem, n_sol, limit is not None
+        ctx.save_for_backward(*output, *tensors[n_sol:], *([] if limit is None else [limit]))
 
     @staticmethod
     def backward(ctx, *cotangents):
         saved = ctx.saved_tensors
-        n = ctx.n_sol
-        needs = ctx.needs_input_grad[2 + n :]
-        grads = ctx.problem.backward(saved[:n], saved[n:], cotangents, needs)
-        return (None, None, *([None] * n), *grads)
+        n, end = ctx.n_sol, len(saved) - ctx.has_limit
+        limit = saved[-1] if ctx.has_limit else None
+        needs = ctx.needs_input_grad[3 + n :]
+        grads = ctx.problem.backward(saved[:n], saved[n:end], cotangents, needs, limit)
+        return (None, None, None, *([None] * n), *grads)
 
 
 def _parameters(fn: Callable[..., Any]) -> Any:
@@ -132,12 +155,32 @@ def _parameters(fn: Callable[..., Any]) -> Any:
 
 
 class _Root:
+    """A solver made differentiable. ``start_norm(aux)``, when given, is ``||F(init)||`` as the
+    solver computed it (else it is evaluated here); ``residual`` and ``advice`` word the message
+    on an unconverged solution; ``check=False`` skips the shape check of ``F`` (trusted)."""
+
     def __init__(
-        self, call, optimality_fn, solver, solve, has_aux, if_not_converged, on_solve, check=True
+        self,
+        call,
+        optimality_fn,
+        solver,
+        solve,
+        *,
+        has_aux,
+        if_not_converged,
+        on_solve,
+        tol,
+        atol,
+        check=True,
+        start_norm=None,
+        residual=("optimality_fn(sol, ...)", "optimality_fn(init, ...)"),
+        advice="Run the solver for more steps (or to a tighter tolerance of its own)",
     ):
         self.call, self.check = call, check
         self.optimality_fn, self.solver, self.solve = optimality_fn, solver, solve
         self.has_aux, self.if_not_converged, self.on_solve = has_aux, if_not_converged, on_solve
+        self.tol, self.atol, self.start_norm = tol, atol, start_norm
+        self.residual, self.advice = residual, advice
         self.solve_takes_rmatvec = "rmatvec" in _parameters(solve)
         self.signature: inspect.Signature | None
         try:
@@ -145,10 +188,38 @@ class _Root:
         except (TypeError, ValueError):  # a builtin without a signature: not checked
             self.signature = None
 
-    def report(self, info: SolveInfo) -> None:
+    def check_optimality(self, optimality: torch.Tensor, limit: torch.Tensor | None) -> None:
+        """Applies the policy to ``||F(sol)|| <= limit`` (per task under vmap)."""
+        if limit is None:
+            return
+        ok = optimality <= limit  # a tensor op, batched under vmap; NaN fails
+        if all_true(ok):
+            return
+        flags = plain(ok).reshape(-1)
+        failing = plain(torch.where(ok, -1.0, optimality)).reshape(-1)
+        limits = plain(torch.where(ok, 0.0, limit)).reshape(-1)
+        worst = int(torch.argmax(failing))
+        tasks = f" ({int((~flags).sum())} of {flags.numel()} tasks)" if flags.numel() > 1 else ""
+        at_sol, at_init = self.residual
+        message = (
+            f"{self.call}: the solution is not a root, so its implicit gradient (exact only "
+            f"where {at_sol} = 0) is inaccurate: ||{at_sol}|| = {failing[worst].item():.3g} at "
+            f"the returned solution{tasks}, above the tolerance {limits[worst].item():.3g} = "
+            f"max(tol * ||{at_init}||, atol) with tol={self.tol:g}, atol={self.atol:g}. "
+            f"{self.advice}, loosen tol=/atol=, or pass if_not_converged='ignore' if this "
+            "accuracy is enough."
+        )
+        if self.if_not_converged == "raise":
+            raise RuntimeError(message)
+        warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
+
+    def report(self, info: SolveInfo, optimality: torch.Tensor | None) -> None:
+        """Hands ``info`` to ``on_solve`` and applies the policy to the linear solve."""
         if self.on_solve is not None:
-            self.on_solve(SolveInfo(*(plain(x) for x in info)))
-        if self.if_not_converged == "ignore" or bool(plain(info.converged).all()):
+            residual, iterations, converged = (plain(x) for x in info[:3])
+            reached = None if optimality is None else plain(optimality)
+            self.on_solve(SolveInfo(residual, iterations, converged, reached))
+        if self.if_not_converged == "ignore" or all_true(info.converged):
             return
         worst = plain(info.residual).max().item()
         iters = plain(info.iterations).max().item()
@@ -194,15 +265,50 @@ class _Root:
         leaves, args_spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
         diff_idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
         problem = _Problem(self, sol_spec, args_spec, leaves, diff_idx)
-        if self.check:  # one evaluation of F, so that a wrong F fails here, not in backward
-            self._check_residual(problem, sol_spec, sol_leaves, [leaves[i] for i in diff_idx])
         diff = [leaves[i] for i in diff_idx]
+        if self.check:  # one evaluation of F, so that a wrong F fails here, not in backward
+            self._check_residual(problem, sol_spec, sol_leaves, diff)
         if not diff:  # nothing to differentiate: the plain solution
             out_leaves = sol_leaves
         else:
-            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), *sol_leaves, *diff))
+            limit = self._limit(init, aux, problem, sol_spec, sol_leaves, diff)
+            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), limit, *sol_leaves, *diff))
         sol = optree.tree_unflatten(sol_spec, out_leaves)
         return (sol, aux) if self.has_aux else sol
+
+    def _limit(self, init, aux, problem, sol_spec, sol_leaves, diff) -> torch.Tensor | None:
+        """The tolerance on ``||F(sol)||`` that the backward pass checks: ``max(tol *
+        ||F(init)||, atol)``; ``None`` (nothing evaluated) under "ignore" or when no gradient
+        can flow."""
+        if self.if_not_converged == "ignore":
+            return None
+        start, init_leaves = None, None
+        if self.start_norm is None:
+            init_leaves, init_spec = optree.tree_flatten(init)
+            if init_spec != sol_spec or any(
+                not _is_diff(x) or x.shape != s.shape for x, s in zip(init_leaves, sol_leaves)
+            ):
+                if self.atol == 0:
+                    raise ValueError(
+                        f"{self.call}: if_not_converged={self.if_not_converged!r} checks "
+                        f"||optimality_fn(sol, ...)|| <= max(tol * ||optimality_fn(init, ...)||, "
+                        f"atol), but init is {type(init).__name__}, not a point like the "
+                        f"solution ({sol_spec} with shapes "
+                        f"{[tuple(s.shape) for s in sol_leaves]}), so tol has nothing to scale. "
+                        "Pass an init of the solution's structure, an absolute atol=, or "
+                        "if_not_converged='ignore'."
+                    )
+                init_leaves = None
+        if not torch.is_grad_enabled() or not any(x.requires_grad for x in diff):
+            return None  # no backward pass will run
+        if self.start_norm is not None:
+            start = self.start_norm(aux)
+        elif init_leaves is not None:
+            with torch.no_grad():
+                start = _norm(problem.residual([x.detach() for x in init_leaves], diff))
+        if start is None:
+            return torch.tensor(float(self.atol), device=sol_leaves[0].device)
+        return torch.clamp(self.tol * start.detach(), min=self.atol)
 
     def _check_residual(self, problem, sol_spec, sol_leaves, diff) -> None:
         with torch.no_grad():
@@ -217,7 +323,7 @@ class _Root:
             )
 
 
-def _check_common(call, fn, solve, if_not_converged, on_solve):
+def _check_common(call, fn, solve, if_not_converged, on_solve, tol, atol):
     if not callable(fn):
         raise TypeError(f"{call}: expected a callable, got {type(fn).__name__}.")
     if not callable(solve):
@@ -231,6 +337,16 @@ def _check_common(call, fn, solve, if_not_converged, on_solve):
         )
     if on_solve is not None and not callable(on_solve):
         raise TypeError(f"{call}: expected on_solve to be callable or None, got {on_solve!r}.")
+    for name, value in (("tol", tol), ("atol", atol)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < math.inf
+        ):
+            raise ValueError(
+                f"{call}: expected {name} to be a finite number >= 0 (a tolerance on the "
+                f"optimality residual at the solution), got {value!r}."
+            )
 
 
 def custom_root(
@@ -239,6 +355,8 @@ def custom_root(
     *,
     has_aux: bool = False,
     if_not_converged: str = "warn",
+    tol: float = 1e-3,
+    atol: float = 0.0,
     on_solve: Callable[[SolveInfo], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorates ``solver(init, *args, **kwargs) -> sol`` with implicit differentiation.
@@ -260,10 +378,19 @@ def custom_root(
             ``J`` is symmetric positive-definite (a Hessian), :func:`solve_dense` when small.
             Configure with ``functools.partial(solve_cg, maxiter=20, ridge=1e-4)``.
         has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through, not differentiated.
-        if_not_converged: ``"warn"`` (an :class:`ImplicitSolveWarning`), ``"raise"`` or
-            ``"ignore"`` when the linear solve misses its tolerance.
+        if_not_converged: ``"warn"`` (an :class:`ImplicitSolveWarning`), ``"raise"`` (a
+            ``RuntimeError``) or ``"ignore"`` when the solution is not a root (see ``tol``) or
+            the linear solve misses its tolerance; checked in the backward pass, per task under
+            ``vmap``. ``"ignore"`` evaluates nothing extra.
+        tol, atol: the solution counts as a root when ``||optimality_fn(sol, ...)|| <= max(tol
+            * ||optimality_fn(init, ...)||, atol)`` (Euclidean norms over all leaves): the
+            solver must have reduced the residual it started from ``1 / tol``-fold. The norm at
+            ``init`` costs one more evaluation of ``optimality_fn`` per call (not under
+            ``"ignore"``); an ``init`` that is not a point like the solution (``None``) needs an
+            absolute ``atol``, and so does a warm start already close to the root.
         on_solve: called with the :class:`SolveInfo` of every backward solve (plain tensors;
-            under ``vmap`` one entry per task), for diagnostics.
+            under ``vmap`` one entry per task), for diagnostics; its ``optimality`` is
+            ``||optimality_fn(sol, ...)||``.
 
     Example: the real root of ``a x^3 - x - 2``, whose derivative in ``a`` is ``-x^3 / (3 a x^2 -
     1)``.
@@ -285,7 +412,7 @@ def custom_root(
         0.8451995734
     """
     call = "custom_root(optimality_fn, solve=...)"
-    _check_common(call, optimality_fn, solve, if_not_converged, on_solve)
+    _check_common(call, optimality_fn, solve, if_not_converged, on_solve, tol, atol)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(solver):
@@ -296,9 +423,11 @@ def custom_root(
             optimality_fn,
             solver,
             solve,
-            has_aux,
-            if_not_converged,
-            on_solve,
+            has_aux=has_aux,
+            if_not_converged=if_not_converged,
+            on_solve=on_solve,
+            tol=tol,
+            atol=atol,
         )
 
         @functools.wraps(solver)
@@ -316,11 +445,14 @@ def custom_fixed_point(
     *,
     has_aux: bool = False,
     if_not_converged: str = "warn",
+    tol: float = 1e-3,
+    atol: float = 0.0,
     on_solve: Callable[[SolveInfo], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """:func:`custom_root` for a solver of ``x = T(x, *args, **kwargs)``.
 
-    The optimality function is ``T(x, ...) - x``. Example: ``x = cos(a x)``.
+    The optimality function is ``T(x, ...) - x``: ``tol`` compares ``||T(x) - x||`` at the
+    solution with its value at ``init``. Example: ``x = cos(a x)``.
 
         >>> import torch
         >>> from metafunc.implicit import custom_fixed_point
@@ -338,7 +470,7 @@ def custom_fixed_point(
         True
     """
     call = "custom_fixed_point(fixed_point_fn, solve=...)"
-    _check_common(call, fixed_point_fn, solve, if_not_converged, on_solve)
+    _check_common(call, fixed_point_fn, solve, if_not_converged, on_solve, tol, atol)
 
     @functools.wraps(fixed_point_fn)
     def optimality_fn(x, *args, **kwargs):
@@ -350,5 +482,7 @@ def custom_fixed_point(
         solve,
         has_aux=has_aux,
         if_not_converged=if_not_converged,
+        tol=tol,
+        atol=atol,
         on_solve=on_solve,
     )
