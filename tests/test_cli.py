@@ -67,3 +67,24 @@ def test_module_entry_point_runs():
         cwd=ROOT,
     )
     assert "post-adaptation MSE after meta-training" in out.stdout
+
+
+def test_help_lists_the_commands(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as info:
+            main([flag])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python -m metafunc {train,quickstart} [options]\n")
+        assert re.search(r"\n  train +meta-train an algorithm", out)
+        assert re.search(r"\n  quickstart +MAML on sinusoid", out)
+        assert "python -m metafunc train --help" in out
+
+
+def test_train_help_runs_and_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: python -m metafunc train")
+    assert "tasks per step (default: 25 for sinusoid, 16 for glyphs and omniglot)" in text

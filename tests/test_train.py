@@ -28,7 +28,7 @@ Z95 = 1.959963984540054
 PNG = b"\x89PNG\r\n\x1a\n"
 KEYS = {
     "algorithm", "task", "config", "strategy", "device", "versions", "meta_steps",
-    "train_seconds", "test_before", "test_after", "history",
+    "train_seconds", "skipped_steps", "test_before", "test_after", "history",
 }  # fmt: skip
 # a short sinusoid run: 4 tasks a step, vmapped, 6 test tasks, 2 val tasks every 2 steps (a later
 # --strategy or --eval-every overrides these)
@@ -52,7 +52,7 @@ def _run(out: pathlib.Path, *flags: str) -> dict:
 
 def _load(out: pathlib.Path) -> tuple[dict, dict]:
     results = json.loads((out / "results.json").read_text())
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)  # no code in a checkpoint
     return results, checkpoint
 
 
@@ -100,8 +100,13 @@ def test_every_algorithm_runs_on_sinusoid(algorithm, tmp_path):
     results = _run(tmp_path, "--algorithm", algorithm, "--steps", "2", *FAST, *QUIET, *extra)
     _check_results(results, tmp_path, steps=2, n=6, metrics={"loss"})
     assert results["algorithm"] == algorithm and results["config"]["algorithm"] == algorithm
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "results.json"]
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # and the run's lock, which stays so that runs after it lock the same file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".run.lock",
+        "checkpoint.pt",
+        "results.json",
+    ]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and len(checkpoint["meta"]) == LEAVES[algorithm]
     assert all(torch.isfinite(leaf).all() for leaf in checkpoint["meta"])
     if algorithm == "warpgrad":  # the replay buffer travels with the checkpoint, one per process
@@ -194,9 +199,13 @@ def test_resume_is_bitwise_exact(algorithm, strategy, how, extra, tmp_path, monk
         flags += ["--checkpoint-every", str(m)]
         with monkeypatch.context() as patch:
             _interrupt_at(patch, m)
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(SystemExit) as info:
                 _run(tmp_path / "parts", *flags, "--steps", str(n))
-    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["step"] == m
+        assert info.value.code == 130
+        assert f"interrupted. {tmp_path / 'parts' / 'checkpoint.pt'} (step {m}) is kept." in str(
+            info.value
+        )
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == m
     resumed = _run(tmp_path / "parts", *flags, "--steps", str(n), "--resume")
 
     a, b = _load(tmp_path / "whole")[1], _load(tmp_path / "parts")[1]
@@ -451,6 +460,37 @@ def test_bad_flags_exit_with_usage_error(argv, message, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m metafunc train") and message in err
+
+
+def test_help_states_every_default_including_the_task_and_algorithm_dependent_ones():
+    p = _train.parser()
+    p.format_help()  # every help string formats
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+    helps = {action.dest: " ".join((action.help or "").split()) for action in p._actions}
+    assert helps["meta_batch"].endswith("(default: 25 for sinusoid, 16 for glyphs and omniglot)")
+    assert helps["inner_lr"].endswith("(default: 0.01 for sinusoid, 0.4 for glyphs and omniglot)")
+    assert helps["inner_steps"].endswith(
+        "(default: 1 for maml, fomaml, metasgd, anil and mamlpp; 5 for reptile, leap and "
+        "warpgrad; 10 for imaml)"
+    )
+    assert helps["lam"].endswith("(imaml only; default: 2.0)")
+    assert helps["classes"].endswith("(glyphs only; default: 300)")
+    assert helps["data_path"].endswith("(omniglot only; no default: required there)")
+    assert helps["outer_lr"].endswith("(default: 0.001)")
+    assert helps["no_plot"].endswith("(default: off)")
+
+
+def test_results_record_only_the_flags_that_apply(tmp_path):
+    config = _run(tmp_path / "maml", "--steps", "1", *FAST, *QUIET)["config"]
+    assert {"lam", "cg_steps", "ways", "hidden", "classes", "data_path", "data_seed"}.isdisjoint(
+        config
+    )
+    assert config["first_order"] is False and config["inner_lr"] == 0.01
+    flags = ["--algorithm", "imaml", "--inner-steps", "2", "--lam", "100", "--steps", "1"]
+    config = _run(tmp_path / "imaml", *flags, *FAST, *QUIET)["config"]
+    assert config["lam"] == 100.0 and config["cg_steps"] == 5 and "first_order" not in config
 
 
 def test_unusable_data_exits_with_a_message(tmp_path):
