@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +19,9 @@ __all__ = ["stack_tasks", "unstack_tasks", "vmap_tasks"]
 _STRATEGIES = ("auto", "vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
 _AUTO_CALLS = 3  # calls per strategy that "auto" times on the CPU before it decides
+_RNN_FILE = os.path.join("torch", "nn", "modules", "rnn.py")
+# torch's messages for an in-place op whose target lacks the vmapped dimension
+_IN_PLACE = ("doesn't match the broadcast shape", "vmap: inplace arithmetic")
 
 
 def stack_tasks(tasks: Sequence[PyTree]) -> PyTree:
@@ -204,8 +209,39 @@ def _loop(func, in_dims, out_dims, randomness, args, kwargs):
     return optree.tree_unflatten(out_spec, stacked)
 
 
+def _recurrent_layer(error: BaseException) -> str | None:
+    """The class name of the ``torch.nn`` recurrent layer in whose forward ``error`` was raised."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_filename.endswith(_RNN_FILE) and isinstance(owner, torch.nn.Module):
+            return type(owner).__name__
+    return None
+
+
+def _explain(call: str, error: RuntimeError) -> str | None:
+    """A message for the vmap failures a per-task loop does not have, or None."""
+    seen = str(error).splitlines()[0] if str(error) else type(error).__name__
+    layer = _recurrent_layer(error)
+    if layer is not None:
+        return (
+            f"{call}: nn.{layer} cannot run under torch.func.vmap: torch has no batching rule "
+            f"for its fused kernel with per-task weights ({seen}). Use strategy='loop', or a "
+            "metafunc.algorithms learner, which computes recurrent layers exactly under vmap."
+        )
+    if any(p in seen for p in _IN_PLACE):
+        return (
+            f"{call}: func writes per-task values in place into a tensor without the task "
+            f"dimension ({seen}). Under vmap a tensor created inside func (acc = torch.zeros(3)) "
+            "is one tensor shared by all tasks, so acc += f(x), acc.add_(...) or acc[i] = ... "
+            "cannot hold per-task values. Write it out of place: acc = acc + f(x) (or "
+            "torch.stack the pieces), or use strategy='loop'."
+        )
+    return None
+
+
 class _TaskMap:
-    """The function returned by :func:`vmap_tasks`; ``.strategy`` tells how the last call ran."""
+    """The function returned by :func:`vmap_tasks`; ``.strategy`` tells how the last call ran,
+    ``.fallback`` why ``"auto"`` chose the loop after vmap failed (None if it did not)."""
 
     def __init__(self, func, in_dims, out_dims, randomness, chunk_size, strategy):
         functools.update_wrapper(self, func)
@@ -215,6 +251,7 @@ class _TaskMap:
         self._requested = strategy
         self._timings: dict[str, list[float]] = {"loop": [], "vmap": []}
         self.strategy: str | None = None if strategy == "auto" else strategy
+        self.fallback: str | None = None
 
     def _vmap(self, args, kwargs):
         mapped = torch.func.vmap(
@@ -224,23 +261,40 @@ class _TaskMap:
             randomness=self._randomness,
             chunk_size=self._chunk_size,
         )
-        return mapped(*args, **kwargs)
+        try:
+            return mapped(*args, **kwargs)
+        except RuntimeError as error:
+            message = _explain("vmap_tasks(func, strategy='vmap')", error)
+            if message is None:
+                raise
+            raise RuntimeError(message) from error
 
     def _run(self, strategy, args, kwargs):
         if strategy == "vmap":
             return self._vmap(args, kwargs)
         return _loop(self._func, self._in_dims, self._out_dims, self._randomness, args, kwargs)
 
+    def _try_vmap(self, args, kwargs):
+        """The vmap trial of ``"auto"``: if vmap fails, the loop runs instead and is kept (an
+        error of the loop's own, a user's mistake, is raised as it is)."""
+        try:
+            return self._vmap(args, kwargs)
+        except Exception as error:
+            out = self._run("loop", args, kwargs)
+            self.strategy, self.fallback = "loop", f"{type(error).__name__}: {error}"
+            return out
+
     def __call__(self, *args, **kwargs):
         if self.strategy is not None:
             return self._run(self.strategy, args, kwargs)
         leaves: list[Any] = optree.tree_leaves(args)  # type: ignore[arg-type]
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if any(x.device.type != "cpu" for x in tensors):
-            self.strategy = "vmap"  # accelerators: one batched kernel beats many small ones
-            return self._run("vmap", args, kwargs)
         if torch.compiler.is_compiling():  # one batched graph; timing a trace would mean nothing
             return self._run("vmap", args, kwargs)
+        if any(x.device.type != "cpu" for x in tensors):
+            out = self._try_vmap(args, kwargs)  # accelerators: one batched kernel beats many
+            self.strategy = self.strategy or "vmap"
+            return out
         # CPU: which is faster depends on the model (vmap ~8x faster for an MLP, 2-3x slower
         # for a conv net on 2 cores): time both, alternating, three calls each; the first call of
         # each is a warm-up, the best of the other two decides (one sample is too noisy on a
@@ -249,7 +303,12 @@ class _TaskMap:
         calls = sum(len(v) for v in self._timings.values())
         candidate = order[calls % 2]
         start = time.perf_counter()
-        out = self._run(candidate, args, kwargs)
+        if candidate == "loop":
+            out = self._run("loop", args, kwargs)
+        else:
+            out = self._try_vmap(args, kwargs)
+            if self.strategy == "loop":
+                return out
         self._timings[candidate].append(time.perf_counter() - start)
         if all(len(v) >= _AUTO_CALLS for v in self._timings.values()):
             self.strategy = min(order, key=lambda s: min(self._timings[s][1:]))
@@ -276,8 +335,12 @@ def vmap_tasks(
     stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs
     are on an accelerator; on the CPU both are timed on the first six calls and the faster is kept
     (``.strategy`` on the returned function says which); inside ``torch.compile``, ``vmap`` (the
-    eager timing is unaffected). Both give the same numbers: models with BatchNorm/LayerNorm are
-    computed exactly under vmap (see :func:`exact_norms`). ``torch.compile`` traces ``"loop"``
+    eager timing is unaffected). If the vmap trial fails (an op without a batching rule, an
+    in-place write into a tensor shared by all tasks), "auto" runs and keeps the loop and says why
+    in ``.fallback``; an error the loop raises too is raised. Both give the same numbers: models
+    with BatchNorm/LayerNorm are computed exactly under vmap (see :func:`exact_norms`), and so
+    are recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``, cells) in the
+    :mod:`metafunc.algorithms` learners. ``torch.compile`` traces ``"loop"``
     with ``randomness="different"`` only: the other settings read the RNG state (a graph break).
 
     Example:

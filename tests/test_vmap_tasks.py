@@ -807,3 +807,53 @@ def test_property_norm_models_vmap_equals_the_loop(norm, hidden, n_samples, n_ta
     run = metafunc.vmap_tasks(task, in_dims=(None, None, 0, 0), strategy="vmap")
     losses, buffers = run(fm.params, fm.buffers, support, query)
     _assert_trees_close((losses.detach(), buffers, _meta_grad(losses.sum(), fm.params)), expected)
+
+
+# ------------------------------------------------------------- 9. where vmap fails and a loop not
+def _accumulate(x):
+    acc = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    acc += 2 * x.sum(0)  # in place into a tensor without the task dimension
+    return acc
+
+
+def _assign(x):
+    acc = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    acc[0] = x.sum()
+    return acc
+
+
+def test_auto_keeps_the_loop_when_the_vmap_trial_fails_and_says_why(device):
+    x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0), dtype=D).to(device)
+    expected = torch.stack([2 * x[i].sum(0) for i in range(3)])
+    run = metafunc.vmap_tasks(_accumulate)
+    for call in range(1, 5):  # call 1: the loop; call 2: the vmap trial fails, the loop runs
+        torch.testing.assert_close(run(x), expected, rtol=1e-12, atol=0)
+        assert run.strategy == (None if call == 1 and device == "cpu" else "loop"), call
+    assert run.fallback is not None and "out of place: acc = acc + f(x)" in run.fallback
+
+
+def test_auto_keeps_the_loop_off_the_cpu_when_vmap_fails():
+    # meta tensors stand in for an accelerator on machines without one
+    run = metafunc.vmap_tasks(_accumulate)
+    out = run(torch.ones(3, 4, 2, device="meta"))
+    assert run.strategy == "loop" and run.fallback is not None
+    assert out.shape == (3, 2)
+
+
+def test_auto_raises_the_loops_own_error_when_the_loop_fails_too():
+    run = metafunc.vmap_tasks(lambda x: x.sum(), in_dims=1)
+    run(torch.ones(3, 4))  # call 1: the loop
+    with pytest.raises(ValueError, match=r"strategy='loop'\): in_dims entry 1 is out of range"):
+        run(torch.ones(3))  # call 2: the vmap trial fails, and so does the loop: its error
+    assert run.strategy is None and run.fallback is None
+
+
+@pytest.mark.parametrize("func", [_accumulate, _assign], ids=["add-in-place", "index-assign"])
+def test_strategy_vmap_names_an_in_place_write_into_a_shared_tensor_and_the_fix(func):
+    run = metafunc.vmap_tasks(func, strategy="vmap")
+    pattern = (
+        r"vmap_tasks\(func, strategy='vmap'\): func writes per-task values in place into a "
+        r"tensor without the task dimension \(.*\)\. .* Write it out of place: acc = acc \+ f\(x\)"
+    )
+    with pytest.raises(RuntimeError, match=pattern):
+        run(torch.ones(3, 4, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,10 +10,13 @@ from typing import Any
 import optree
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import grad
 
 from .. import optim
 from .._functional import FunctionalModel
+from .._norms import under_vmap
+from .._rnn import exact_rnns, has_rnns
 from .._tree import close_matches
 from .._typing import Params, PyTree
 from .._vmap import vmap_tasks
@@ -35,6 +39,35 @@ def resolve_loss(call: str, loss: str | LossFn) -> LossFn:
         f"{call}: expected loss to be one of {sorted(_LOSSES)} or a callable "
         f"loss(outputs, targets) -> scalar, got {loss!r}."
     )
+
+
+def _with_exact_rnns(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its recurrent layers computed by :func:`exact_rnns` when it runs under vmap
+    (torch's fused kernels have no batching rule); unchanged in the per-task loop."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        if not under_vmap():
+            return fn(*args)
+        with exact_rnns():
+            return fn(*args)
+
+    return run
+
+
+def _unbatched_input(module: nn.Module) -> tuple[str, int, int, int] | None:
+    """``(layer, rank, axis, size)``: the model's first layer (its first submodule with
+    parameters, in registration order) reads an input of ``rank`` dims with ``size`` features at
+    ``axis`` as one example without an example dimension; None for other first layers."""
+    first = next((m for m in module.modules() if any(True for _ in m.parameters(False))), None)
+    if isinstance(first, nn.Linear):
+        return repr(first), 1, -1, first.in_features
+    if isinstance(first, nn.modules.conv._ConvNd):
+        rank = len(first.kernel_size) + 1  # (channels, *spatial)
+        return repr(first), rank, 0, first.in_channels
+    if isinstance(first, nn.RNNBase):
+        return repr(first), 2, -1, first.input_size  # (time, features)
+    return None
 
 
 def _check_positive_int(call: str, name: str, value: Any) -> None:
@@ -105,7 +138,13 @@ class MetaLearner:
     Meta-parameters are a dict of tensors (``{"params": {...}, ...}``) created by :meth:`init`;
     an outer optimizer (``torch.optim`` over ``optree.tree_leaves(meta)``, or
     :mod:`metafunc.optim`) updates them from :meth:`meta_grad`. A task is a pair
-    ``(support, query)`` of ``(inputs, targets)``; a meta-batch stacks tasks along dim 0.
+    ``(support, query)`` of ``(inputs, targets)``; a meta-batch stacks tasks along dim 0, so
+    inputs are ``(tasks, examples, ...)``. One task passed without that dimension would run as
+    one-example tasks: where the model's first layer (its first submodule with parameters) is a
+    ``Linear``, ``ConvNd`` or recurrent layer and each task's inputs have exactly the shape of
+    one example for it (``(in_features,)``, ``(in_channels, *spatial)``, ``(time,
+    input_size)``), the meta-batch is refused with a ``ValueError``. Models with recurrent
+    layers run exactly under vmap (see ``metafunc._rnn``).
     """
 
     name = "meta-learner"
@@ -127,6 +166,8 @@ class MetaLearner:
         self.loss = resolve_loss(call, loss)
         self.classification = self.loss is F.cross_entropy
         self.strategy = strategy
+        self._rnns = has_rnns(model._skeleton)
+        self._unbatched = _unbatched_input(model._skeleton)
         self._maps: dict[str, Any] = {}
         # made now, not on first use: a compiled meta_grad would see the dict change and compile
         # a second time
@@ -207,6 +248,7 @@ class MetaLearner:
                     f"{'tasks' if x.shape[0] == 0 else 'examples per task'}; a mean loss over "
                     "nothing is nan. Sample at least one task and one example (shots, queries)."
                 )
+            self._check_example_dim(call, name, x)
             if tasks is not None and x.shape[0] != tasks:
                 raise ValueError(
                     f"{call}: support has {tasks} tasks but query has {x.shape[0]}; pass the "
@@ -221,6 +263,23 @@ class MetaLearner:
                 )
         return call
 
+    def _check_example_dim(self, call: str, name: str, x: torch.Tensor) -> None:
+        """Refuses a meta-batch without its task dimension (one task's ``(examples, features)``
+        passed as is), which would run as one-example tasks: each task's inputs have the shape
+        of one example for the model's first layer (see the class docstring)."""
+        if self._unbatched is None:
+            return
+        layer, rank, axis, size = self._unbatched
+        per_task = x.shape[1:]
+        if len(per_task) == rank and per_task[axis] == size:
+            raise ValueError(
+                f"{call}: {name} inputs of shape {tuple(x.shape)} give each of {x.shape[0]} "
+                f"tasks an input of shape {tuple(per_task)}, which the model's first layer "
+                f"({layer}) reads as one example: the tasks have no example dimension. Is the "
+                "task dimension missing? Stack tasks along a new dim 0 (metafunc.stack_tasks; "
+                "one task: x.unsqueeze(0), y.unsqueeze(0))."
+            )
+
     def metrics(self, params: Params, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
         out = self.model(params, x)
@@ -229,9 +288,15 @@ class MetaLearner:
             result["accuracy"] = (out.argmax(-1) == y).to(out.dtype).mean().detach()
         return result
 
-    def _map(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _map(
+        self, key: str, fn: Callable[..., Any], in_dims: tuple[int | None, ...] = (None, 0, 0)
+    ) -> Callable[..., Any]:
+        """``fn`` mapped over tasks by :func:`vmap_tasks`, made once per ``key`` (so that
+        ``strategy="auto"`` can time it over calls); recurrent layers run exactly under vmap."""
         if key not in self._maps:
-            self._maps[key] = vmap_tasks(fn, in_dims=(None, 0, 0), strategy=self.strategy)
+            if self._rnns:
+                fn = _with_exact_rnns(fn)
+            self._maps[key] = vmap_tasks(fn, in_dims=in_dims, strategy=self.strategy)
         return self._maps[key]
 
     def meta_grad(

@@ -12,7 +12,7 @@ from torch.func import grad, grad_and_value
 
 from .._inner import stop_gradient
 from .._typing import Params
-from .._vmap import stack_tasks, vmap_tasks
+from .._vmap import stack_tasks
 from ._base import (
     Batch,
     LossFn,
@@ -145,11 +145,8 @@ class WarpGrad(MetaLearner):
         def objective(warp, theta, support, query):
             return self._task_loss(self._step(theta, warp, support), warp, query)
 
-        if "warpgrad-objective" not in self._maps:  # kept, so that strategy="auto" can decide
-            self._maps["warpgrad-objective"] = vmap_tasks(
-                objective, in_dims=(None, 0, 0, 0), strategy=self.strategy
-            )
-        losses = self._maps["warpgrad-objective"](warp, thetas, s_batch, q_batch)
+        run = self._map("warpgrad-objective", objective, in_dims=(None, 0, 0, 0))
+        losses = run(warp, thetas, s_batch, q_batch)
         warp_grads = torch.autograd.grad(losses.mean(), list(warp.values()))
         init_grads = {k: init[k].mean(0) for k in self.task}
         wg = dict(zip(warp, warp_grads))
