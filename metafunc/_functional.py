@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import _norms
+from . import _norms, _purity
 from ._tree import close_matches
 from ._typing import Buffers, Params
 
@@ -173,7 +173,7 @@ class FunctionalModel:
             )
         self._check_values(call, "buffers", buffers)
 
-    def _check_inputs(self, call: str, params: Mapping[str, Any], args: tuple, kwargs: dict):
+    def _check_inputs(self, call: str, params: Mapping[str, Any], inputs: list[Any]) -> None:
         """Input tensors on another device than the params, or of another floating dtype (a
         float64 numpy batch into a float32 model), fail deep in torch with a message that names
         neither; say so here. Autocast regions mix dtypes on purpose and are not checked."""
@@ -182,10 +182,6 @@ class FunctionalModel:
             return
         ref = floating[0]
         dtypes = {p.dtype for p in floating}
-        # the inputs and, one level down, tuples and lists of them (no optree: dynamo breaks
-        # the graph on a flatten here)
-        inputs = [*args, *kwargs.values()]
-        inputs += [y for x in inputs if isinstance(x, (tuple, list)) for y in x]
         for x in inputs:
             if not isinstance(x, torch.Tensor):
                 continue
@@ -212,7 +208,10 @@ class FunctionalModel:
         """Runs the model and returns ``(output, new_buffers)``; nothing passed in is modified.
 
         Buffers that the forward pass updates (BatchNorm running statistics in training mode) are
-        returned as new tensors; the tensors in ``buffers`` keep their values and versions.
+        returned as new tensors; the tensors in ``buffers`` keep their values and versions. A
+        forward pass that writes in place into what the caller passed (``x.mul_(2)`` on an input,
+        a parameter clamped in ``forward``) raises ``ValueError`` naming the tensor and the
+        submodule; see :meth:`__call__`.
 
         Example:
             >>> import torch, metafunc
@@ -224,10 +223,20 @@ class FunctionalModel:
         call = "FunctionalModel.apply(params, buffers, ...)"
         self._check_params(call, params)
         self._check_buffers(call, buffers)
-        self._check_inputs(call, params, args, kwargs)
+        return self._apply(call, params, buffers, args, kwargs)
+
+    def _apply(
+        self, call: str, params: Params, buffers: Buffers, args: tuple, kwargs: dict
+    ) -> tuple[Any, Buffers]:
+        inputs = _purity.inputs(args, kwargs)
+        self._check_inputs(call, params, inputs)
         new_buffers = {k: b.clone() for k, b in buffers.items()}
+        watched = self._watched(params, buffers, inputs)
+        before = _purity.versions(watched) if watched else []
         with _norms.buffer_updates() as updates:
             out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
+        if watched and _purity.versions(watched) != before:
+            self._raise_written(call, params, buffers, args, kwargs, before)
         if updates:  # running statistics computed by the exact norms (see _norms.py)
             new_buffers = {k: updates.get(id(b), b) for k, b in new_buffers.items()}
         return out, new_buffers
@@ -245,13 +254,71 @@ class FunctionalModel:
 
         Buffer updates made by the forward pass (BatchNorm statistics) are discarded; use
         :meth:`apply` to keep them.
+
+        **Purity.** A FunctionalModel is a pure function: a forward pass that writes in place
+        into a tensor the caller passed (an input, one level into tuples and lists; a param;
+        a frozen param; a buffer given to :meth:`apply`) raises ``ValueError`` naming the tensor
+        and the submodule that wrote it. The check compares version counters before and after
+        the call (free; under ``torch.func`` transforms too); it detects the write, it does not
+        undo it. In-place ops on intermediates (``nn.ReLU(inplace=True)`` after a layer) are
+        fine. Not checked: writes through ``.data``, inference tensors (no version counter), and
+        calls traced by ``torch.compile`` (dynamo writes such mutations back to the inputs; run
+        the model eagerly once to catch them).
         """
         call = "FunctionalModel(params, ...)"
         self._check_params(call, params)
         if self.buffers:
-            return self.apply(params, self.buffers, *args, **kwargs)[0]
-        self._check_inputs(call, params, args, kwargs)
-        return self._call({**self.frozen, **params}, args, kwargs)
+            return self._apply(call, params, self.buffers, args, kwargs)[0]
+        inputs = _purity.inputs(args, kwargs)
+        self._check_inputs(call, params, inputs)
+        watched = self._watched(params, {}, inputs)
+        before = _purity.versions(watched) if watched else []
+        out = self._call({**self.frozen, **params}, args, kwargs)
+        if watched and _purity.versions(watched) != before:
+            self._raise_written(call, params, {}, args, kwargs, before)
+        return out
+
+    def _watched(
+        self, params: Mapping[str, torch.Tensor], buffers: Buffers, inputs: list[Any]
+    ) -> list[torch.Tensor]:
+        """The caller's tensors that the forward pass must not write into, in
+        :meth:`_raise_written`'s order; none while dynamo traces (no check, see __call__)."""
+        if torch.compiler.is_compiling():
+            return []
+        tensors = [*params.values(), *self.frozen.values(), *buffers.values()]
+        return tensors + [x for x in inputs if isinstance(x, torch.Tensor)]
+
+    def _raise_written(
+        self,
+        call: str,
+        params: Mapping[str, torch.Tensor],
+        buffers: Buffers,
+        args: tuple,
+        kwargs: dict,
+        before: list[int],
+    ) -> None:
+        inputs = _purity.inputs(args, kwargs)
+        names = [f"params[{k!r}]" for k in params] + [f"fm.frozen[{k!r}]" for k in self.frozen]
+        names += [f"buffers[{k!r}]" for k in buffers]
+        names += [
+            n
+            for n, x in zip(_purity.input_names(args, kwargs), inputs)
+            if isinstance(x, torch.Tensor)
+        ]
+        after = _purity.versions(self._watched(params, buffers, inputs))
+        written = [n for n, v, w in zip(names, before, after) if v != w]
+        probe = copy.copy(self)  # its own skeleton, so that the hooks see no other call
+        probe._skeleton = copy.deepcopy(self._skeleton)
+        tensors = {**self.frozen, **params, **buffers}
+        writer = _purity.find_writer(probe._skeleton, probe._call, tensors, args, kwargs)
+        by = f" ({writer} wrote it)" if writer else ""
+        raise ValueError(
+            f"{call}: the forward pass wrote in place into {' and '.join(written)}{by}; the "
+            f"caller's tensor now holds the new values. A FunctionalModel is a pure function: "
+            f"it must not modify its inputs, params or buffers. Write out of place "
+            f"(x = x * 2, not x.mul_(2)), copy first (x = x.clone()), or use inplace=False on a "
+            f"layer that receives an input directly."
+        )
 
     # ----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FunctionalModel:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -55,8 +55,11 @@ class InnerLoopResult(NamedTuple):
     aux: tuple
 
 
+_CALL = "inner_loop(loss_fn, params, opt, batches, ...)"
+
+
 def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint):
-    call = "inner_loop(loss_fn, params, opt, batches, ...)"
+    call = _CALL
     if not callable(loss_fn):
         raise TypeError(f"{call}: expected loss_fn to be callable, got {type(loss_fn).__name__}.")
     if not isinstance(params, dict):
@@ -137,6 +140,73 @@ def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, che
     return opts
 
 
+class _Unused:
+    """The leaves of ``params`` that no inner step has yet differentiated; the check behind
+    ``inner_loop(allow_unused=...)``.
+
+    A leaf the inner loss has no gradient path to is left unchanged by the loop: an identity
+    adaptation that hides a ``.detach()``, ``.item()`` or ``no_grad`` in ``loss_fn``. Where the
+    gradient is taken by ``torch.autograd.grad`` (checkpointed segments) such a leaf's gradient is
+    ``None``; ``torch.func.grad`` turns that ``None`` into zeros, so there a hook on each watched
+    leaf records that the backward pass reached it. Leaves are watched only until some step
+    reaches them (usually all at the first step), so later steps cost nothing.
+    """
+
+    def __init__(self, params: Params, allow_unused: bool | Collection[str]) -> None:
+        paths, _, _ = optree.tree_flatten_with_path(params)  # type: ignore[arg-type]
+        allowed = set(params) if allow_unused is True else set(allow_unused or ())
+        self.paths = paths
+        self.pending = {i for i, path in enumerate(paths) if path[0] not in allowed}
+
+    def watch(self, leaves: list[torch.Tensor]) -> None:
+        """Hooks the leaves being differentiated (inside ``torch.func.grad``)."""
+        for i in list(self.pending):
+            if leaves[i].requires_grad:
+                leaves[i].register_hook(lambda g, i=i: self.pending.discard(i))
+
+    def reached(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Notes the leaves with a gradient (``torch.autograd.grad(..., allow_unused=True)``)."""
+        self.pending.difference_update(i for i, g in enumerate(grads) if g is not None)
+
+    def check(self, steps: int) -> None:
+        if not self.pending:
+            return
+        names = [
+            path[0] if len(path) == 1 else _tree.format_path(path)
+            for i, path in enumerate(self.paths)
+            if i in self.pending
+        ]
+        keys = sorted({path[0] for i, path in enumerate(self.paths) if i in self.pending})
+        when = "its one step" if steps == 1 else f"any of its {steps} steps"
+        raise ValueError(
+            f"{_CALL}: loss_fn has no gradient path to params {names} at {when}, so the "
+            f"inner loop leaves them unchanged (an identity adaptation). Look for "
+            f".detach(), .item(), .data or torch.no_grad() on them in loss_fn. If they are "
+            f"unused on purpose (e.g. a head that is only meta-learned), pass "
+            f"allow_unused={keys!r} (or allow_unused=True), or leave them out of params."
+        )
+
+
+def _check_allow_unused(params: Params, allow_unused: Any) -> None:
+    if isinstance(allow_unused, bool):
+        return
+    if (
+        isinstance(allow_unused, (str, bytes))
+        or not isinstance(allow_unused, Collection)
+        or not all(isinstance(k, str) for k in allow_unused)
+    ):
+        raise TypeError(
+            f"{_CALL}: expected allow_unused to be a bool or a collection of param keys (e.g. "
+            f"allow_unused=['head.weight']), got {allow_unused!r}."
+        )
+    for k in allow_unused:
+        if k not in params:
+            raise ValueError(
+                f"{_CALL}: allow_unused names {k!r}, not a key of params"
+                f"{_tree.close_matches(k, params)}. Keys: {sorted(params)}."
+            )
+
+
 def _split(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -153,10 +223,12 @@ def _split(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
     return out, None
 
 
-def _functional_grads(loss_fn, params, batch, has_aux):
+def _functional_grads(loss_fn, params, batch, has_aux, unused=None):
     """Gradients by torch.func (composes with vmap and with an outer backward)."""
 
     def wrapped(p):
+        if unused is not None and unused.pending:
+            unused.watch(optree.tree_leaves(p))
         loss, aux = _split(loss_fn(p, batch), has_aux)
         _check_scalar(loss)
         return loss, (() if aux is None else aux)  # torch.func: aux holds tensors only
@@ -165,7 +237,7 @@ def _functional_grads(loss_fn, params, batch, has_aux):
     return grads, loss, aux
 
 
-def _autograd_grads(loss_fn, params, batch, has_aux):
+def _autograd_grads(loss_fn, params, batch, has_aux, unused=None):
     """Gradients by torch.autograd.grad, for checkpointed segments: with a graph when grad mode is
     on (the recomputation in the backward pass), values only under no_grad (the forward pass)."""
     create_graph = torch.is_grad_enabled()
@@ -174,7 +246,13 @@ def _autograd_grads(loss_fn, params, batch, has_aux):
     with torch.enable_grad():
         loss, aux = _split(loss_fn(optree.tree_unflatten(spec, used), batch), has_aux)
         _check_scalar(loss)
-        raw = torch.autograd.grad(loss, used, create_graph=create_graph, allow_unused=True)
+        raw: Sequence[torch.Tensor | None] = (
+            torch.autograd.grad(loss, used, create_graph=create_graph, allow_unused=True)
+            if loss.requires_grad
+            else (None,) * len(used)  # a loss of no param: named by _Unused, if not allowed
+        )
+    if unused is not None:
+        unused.reached(raw)
     if not create_graph:
         raw = tuple(None if g is None else g.detach() for g in raw)
         loss, aux = stop_gradient((loss, aux))
@@ -191,15 +269,15 @@ def _check_scalar(loss):
         )
 
 
-def _step(opt, loss_fn, params, state, batch, has_aux, exact, grads_fn=_functional_grads):
+def _step(opt, loss_fn, params, state, batch, has_aux, exact, unused, grads_fn=_functional_grads):
     """One inner step. ``exact=False`` is a first-order step: its gradient is a constant and the
     params enter the update only through ``params + update`` (straight-through)."""
     if exact:
-        grads, loss, aux = grads_fn(loss_fn, params, batch, has_aux)
+        grads, loss, aux = grads_fn(loss_fn, params, batch, has_aux, unused)
         updates, state = opt.update(grads, state, params)
     else:
         constant = stop_gradient(params)
-        grads, loss, aux = _functional_grads(loss_fn, constant, batch, has_aux)
+        grads, loss, aux = _functional_grads(loss_fn, constant, batch, has_aux, unused)
         grads, loss, aux = stop_gradient((grads, loss, aux))
         updates, state = opt.update(grads, state, constant)
     return apply_updates(params, updates), state, loss, aux
@@ -219,6 +297,7 @@ def inner_loop(
     record: str | int = "all",
     record_state: bool = False,
     opt_state: OptState | None = None,
+    allow_unused: bool | Collection[str] = False,
 ) -> InnerLoopResult:
     """Runs an inner optimisation loop that the meta-gradient can flow through.
 
@@ -258,6 +337,13 @@ def inner_loop(
             ``"endpoints"`` added about 13 % to the peak memory of a T=200 unroll.
         record_state: also record the optimizer state at the recorded steps.
         opt_state: the optimizer state to start from (default ``opt.init(params)``).
+        allow_unused: params that ``loss_fn`` may have no gradient path to: ``True`` (all) or a
+            collection of keys of ``params``. Any other param that no step's gradient reaches
+            (a ``.detach()`` in ``loss_fn``) is a ``ValueError`` naming it, raised after the
+            last step; a param used at some steps only is fine. Like ``torch.autograd.grad``'s
+            ``allow_unused``, this is about the graph, not the values: a param whose gradient
+            is zero through a path (a dead ReLU) is used. Not checked while ``torch.compile``
+            traces the loop (the traced graph holds no bookkeeping): run it eagerly once.
 
     Returns:
         :class:`InnerLoopResult` ``(params, opt_state, losses, tape, aux)``.
@@ -275,6 +361,12 @@ def inner_loop(
         tensor([0.2500])
     """
     opts = _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint)
+    _check_allow_unused(params, allow_unused)
+    unused = (
+        None
+        if allow_unused is True or torch.compiler.is_compiling()
+        else _Unused(params, allow_unused)
+    )
     batch_list = list(itertools.repeat(batches, steps)) if steps is not None else list(batches)
     n = len(batch_list)
     if n == 0:
@@ -304,7 +396,7 @@ def inner_loop(
     # first-order steps (all of them with first_order=True; the leading ones with truncate)
     for t in range(1, n - n_exact + 1):
         params, state, loss, aux = _step(
-            opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, exact=False
+            opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, False, unused
         )
         losses.append(loss)
         auxes.append(aux)
@@ -314,7 +406,7 @@ def inner_loop(
     if checkpoint is None or n_exact == 0:
         for t in range(start, n + 1):
             params, state, loss, aux = _step(
-                opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, exact=True
+                opts[t - 1], loss_fn, params, state, batch_list[t - 1], has_aux, True, unused
             )
             losses.append(loss)
             auxes.append(aux)
@@ -341,6 +433,7 @@ def inner_loop(
                         batch_list[t - 1],
                         has_aux,
                         True,
+                        unused,
                         grads_fn=_autograd_grads,
                     )
                     kept = (p, s) if keep(t, t == n) else None
@@ -356,5 +449,7 @@ def inner_loop(
                     if record_state:
                         states[t] = kept[1]
 
+    if unused is not None:
+        unused.check(n)
     tape = Tape(recorded, torch.stack(losses), states)
     return InnerLoopResult(params, state, tape.losses, tape, tuple(auxes) if has_aux else ())
