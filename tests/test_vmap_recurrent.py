@@ -85,7 +85,13 @@ def _data(device: str, seed: int = 1):
 
 
 def _oracle(module: nn.Module, support, query, steps: int, first_order: bool):
-    """The MAML meta-gradient by a per-task loop over torch's fused kernels."""
+    """The MAML meta-gradient by a per-task loop over torch's fused kernels (not cuDNN's, which
+    have no double backward)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        return _loop_meta_grad(module, support, query, steps, first_order)
+
+
+def _loop_meta_grad(module: nn.Module, support, query, steps: int, first_order: bool):
     params = {k: v.detach().requires_grad_() for k, v in module.named_parameters()}
     total = 0
     for i in range(TASKS):

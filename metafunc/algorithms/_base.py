@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -43,13 +44,17 @@ def resolve_loss(call: str, loss: str | LossFn) -> LossFn:
 
 def _with_exact_rnns(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with its recurrent layers computed by :func:`exact_rnns` when it runs under vmap
-    (torch's fused kernels have no batching rule); unchanged in the per-task loop."""
+    (torch's fused kernels have no batching rule); unchanged in the per-task loop. Where CUDA is
+    present, cuDNN is off inside ``fn``: its recurrent kernels have no double backward (MAML's
+    second order), and its weight flattening reads data pointers that vmapped tensors lack."""
 
     @functools.wraps(fn)
     def run(*args: Any) -> Any:
-        if not under_vmap():
-            return fn(*args)
-        with exact_rnns():
+        with contextlib.ExitStack() as stack:
+            if torch.cuda.is_available():
+                stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            if under_vmap():
+                stack.enter_context(exact_rnns())
             return fn(*args)
 
     return run
