@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import logging
 import os
 import time
 import traceback
@@ -16,9 +19,13 @@ from ._typing import PyTree
 
 __all__ = ["stack_tasks", "unstack_tasks", "vmap_tasks"]
 
+_log = logging.getLogger("metafunc")
+
 _STRATEGIES = ("auto", "vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
-_AUTO_CALLS = 3  # calls per strategy that "auto" times on the CPU before it decides
+_AUTO_CALLS = 3  # calls per strategy that "auto" times on the CPU before it decides, at most
+_CLEAR_WIN = 2.0  # a timed ratio that decides after one timed call of each strategy
+_CACHE_SIZE = 1024  # "auto" decisions kept per process
 _RNN_FILE = os.path.join("torch", "nn", "modules", "rnn.py")
 # torch's messages for an in-place op whose target lacks the vmapped dimension
 _IN_PLACE = ("doesn't match the broadcast shape", "vmap: inplace arithmetic")
@@ -239,9 +246,54 @@ def _explain(call: str, error: RuntimeError) -> str | None:
     return None
 
 
+@dataclasses.dataclass
+class _Decision:
+    """What ``"auto"`` knows about one (function, arguments' signature) in this process."""
+
+    timings: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {"loop": [], "vmap": []}
+    )
+    calls: int = 0
+    pending: tuple[str, float] | None = None  # the last trial call: (strategy, start time)
+    strategy: str | None = None
+    reason: str | None = None
+    fallback: str | None = None
+
+
+# process-wide: a vmap_tasks(...) made inline in a step function, a new one each step, finds the
+# decision its predecessors made (least recently used entries dropped past _CACHE_SIZE)
+_DECISIONS: collections.OrderedDict[Any, _Decision] = collections.OrderedDict()
+
+
+def _code_of(func: Any) -> Any:
+    """What identifies a per-task function across fresh objects: its code (a closure made anew each
+    step has the same code), through partials and bound methods; a callable object by its class."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)
+    code = getattr(func, "__code__", None)
+    return code if code is not None else type(func)
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
+    shapes = tuple(
+        (tuple(x.shape), x.dtype, x.device, x.requires_grad)
+        if isinstance(x, torch.Tensor)
+        else type(x)
+        for x in leaves
+    )
+    return spec, shapes, torch.is_grad_enabled()
+
+
+def _ms(seconds: list[float]) -> str:
+    return f"{1000 * min(seconds):.1f} ms"
+
+
 class _TaskMap:
-    """The function returned by :func:`vmap_tasks`; ``.strategy`` tells how the last call ran,
-    ``.fallback`` why ``"auto"`` chose the loop after vmap failed (None if it did not)."""
+    """The function returned by :func:`vmap_tasks`; ``.strategy`` tells how it runs (None while
+    ``"auto"`` is still timing), ``.reason`` why, ``.fallback`` why ``"auto"`` chose the loop after
+    vmap failed (None if it did not)."""
 
     def __init__(self, func, in_dims, out_dims, randomness, chunk_size, strategy):
         functools.update_wrapper(self, func)
@@ -249,9 +301,24 @@ class _TaskMap:
         self._in_dims, self._out_dims = in_dims, out_dims
         self._randomness, self._chunk_size = randomness, chunk_size
         self._requested = strategy
-        self._timings: dict[str, list[float]] = {"loop": [], "vmap": []}
-        self.strategy: str | None = None if strategy == "auto" else strategy
-        self.fallback: str | None = None
+        self._decision: _Decision | None = None
+        fixed = strategy if strategy != "auto" else None
+        self._fixed = fixed
+        self._key = (_code_of(func), repr(in_dims), repr(out_dims), randomness, chunk_size)
+
+    @property
+    def strategy(self) -> str | None:
+        return self._fixed or (self._decision.strategy if self._decision else None)
+
+    @property
+    def reason(self) -> str | None:
+        if self._fixed:
+            return f"strategy={self._fixed!r} was asked for"
+        return self._decision.reason if self._decision else None
+
+    @property
+    def fallback(self) -> str | None:
+        return self._decision.fallback if self._decision else None
 
     def _vmap(self, args, kwargs):
         mapped = torch.func.vmap(
@@ -274,45 +341,87 @@ class _TaskMap:
             return self._vmap(args, kwargs)
         return _loop(self._func, self._in_dims, self._out_dims, self._randomness, args, kwargs)
 
-    def _try_vmap(self, args, kwargs):
+    def _try_vmap(self, decision: _Decision, args, kwargs):
         """The vmap trial of ``"auto"``: if vmap fails, the loop runs instead and is kept (an
         error of the loop's own, a user's mistake, is raised as it is)."""
         try:
             return self._vmap(args, kwargs)
         except Exception as error:
             out = self._run("loop", args, kwargs)
-            self.strategy, self.fallback = "loop", f"{type(error).__name__}: {error}"
+            decision.strategy, decision.fallback = "loop", f"{type(error).__name__}: {error}"
+            decision.reason = f"vmap failed ({type(error).__name__}), the loop ran: see .fallback"
+            _log.info("vmap_tasks(%s): %s", self.__name__, decision.reason)
             return out
 
+    def _decide(self, decision: _Decision, strategy: str, reason: str) -> None:
+        decision.strategy, decision.reason, decision.pending = strategy, reason, None
+        _log.info("vmap_tasks(%s): auto chose %r: %s", self.__name__, strategy, reason)
+
+    def _lookup(self, args, kwargs) -> _Decision:
+        key = (self._key, _signature(args, kwargs))
+        decision = _DECISIONS.get(key)
+        if decision is None:
+            decision = _DECISIONS[key] = _Decision()
+            if len(_DECISIONS) > _CACHE_SIZE:
+                _DECISIONS.popitem(last=False)
+        else:
+            _DECISIONS.move_to_end(key)
+        self._decision = decision
+        return decision
+
     def __call__(self, *args, **kwargs):
-        if self.strategy is not None:
-            return self._run(self.strategy, args, kwargs)
-        leaves: list[Any] = optree.tree_leaves(args)  # type: ignore[arg-type]
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if self._fixed is not None:
+            return self._run(self._fixed, args, kwargs)
         if torch.compiler.is_compiling():  # one batched graph; timing a trace would mean nothing
             return self._run("vmap", args, kwargs)
-        if any(x.device.type != "cpu" for x in tensors):
-            out = self._try_vmap(args, kwargs)  # accelerators: one batched kernel beats many
-            self.strategy = self.strategy or "vmap"
+        decision = self._lookup(args, kwargs)
+        if decision.strategy is not None:
+            return self._run(decision.strategy, args, kwargs)
+        leaves: list[Any] = optree.tree_leaves(args)  # type: ignore[arg-type]
+        if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in leaves):
+            out = self._try_vmap(decision, args, kwargs)  # one batched kernel beats many
+            if decision.strategy is None:
+                self._decide(decision, "vmap", "inputs on an accelerator: one batched kernel")
             return out
-        # CPU: which is faster depends on the model (vmap ~8x faster for an MLP, 2-3x slower
-        # for a conv net on 2 cores): time both, alternating, three calls each; the first call of
-        # each is a warm-up, the best of the other two decides (one sample is too noisy on a
-        # shared machine).
-        order = ["loop", "vmap"]
-        calls = sum(len(v) for v in self._timings.values())
-        candidate = order[calls % 2]
-        start = time.perf_counter()
+        if torch.are_deterministic_algorithms_enabled():
+            out = self._try_vmap(decision, args, kwargs)
+            if decision.strategy is None:
+                self._decide(
+                    decision, "vmap", "torch.use_deterministic_algorithms(True): no timing"
+                )
+            return out
+        return self._trial(decision, args, kwargs)
+
+    def _trial(self, decision: _Decision, args, kwargs):
+        """CPU: which is faster depends on the model (vmap ~8x faster for an MLP, 2-3x slower for
+        a conv net on 2 cores). The calls alternate loop, vmap, loop, ...; a call's time runs
+        from its start to the start of the next call with the same function and shapes, so the
+        backward pass and the rest of the step are in it. The first call of each strategy is a
+        warm-up; one timed call each decides when one strategy is twice as fast, else the best
+        of two each."""
+        now = time.perf_counter()
+        if decision.pending is not None:
+            done, start = decision.pending
+            decision.timings[done].append(now - start)
+        t = decision.timings
+        timed = {s: v[1:] for s, v in t.items()}  # the warm-ups dropped
+        if all(timed.values()):
+            fast, slow = sorted(("loop", "vmap"), key=lambda s: min(timed[s]))
+            ratio = min(timed[slow]) / min(timed[fast])
+            if ratio >= _CLEAR_WIN or all(len(v) >= _AUTO_CALLS - 1 for v in timed.values()):
+                self._decide(
+                    decision,
+                    fast,
+                    f"{fast} {_ms(timed[fast])} per step, {slow} {_ms(timed[slow])} (timed from "
+                    "call to call, backward included)",
+                )
+                return self._run(fast, args, kwargs)
+        candidate = ("loop", "vmap")[decision.calls % 2]
+        decision.calls += 1
+        decision.pending = (candidate, now)
         if candidate == "loop":
-            out = self._run("loop", args, kwargs)
-        else:
-            out = self._try_vmap(args, kwargs)
-            if self.strategy == "loop":
-                return out
-        self._timings[candidate].append(time.perf_counter() - start)
-        if all(len(v) >= _AUTO_CALLS for v in self._timings.values()):
-            self.strategy = min(order, key=lambda s: min(self._timings[s][1:]))
-        return out
+            return self._run("loop", args, kwargs)
+        return self._try_vmap(decision, args, kwargs)
 
 
 def vmap_tasks(
@@ -333,9 +442,16 @@ def vmap_tasks(
 
     Strategies: ``"vmap"`` (one batched computation), ``"loop"`` (a Python loop over tasks, outputs
     stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs
-    are on an accelerator; on the CPU both are timed on the first six calls and the faster is kept
-    (``.strategy`` on the returned function says which); inside ``torch.compile``, ``vmap`` (the
-    eager timing is unaffected). If the vmap trial fails (an op without a batching rule, an
+    are on an accelerator or ``torch.use_deterministic_algorithms(True)`` is on (no timing, so
+    the choice is reproducible); on the CPU the first calls alternate loop and vmap, each timed
+    from its start to the next call's (so the backward pass counts), and the faster is kept:
+    after 4 calls when one is twice as fast, else after 6. The decision is kept per process for
+    the function's code and the arguments' shapes, dtypes and devices, so a ``vmap_tasks(...)``
+    made anew inside every step (the inline idiom) pays the trials once, and a new meta-batch
+    size or model is timed anew. ``.strategy`` on the returned function says which strategy runs
+    (None while timing), ``.reason`` why (with the timings); the ``"metafunc"`` logger says it at
+    INFO level. Inside ``torch.compile``, ``vmap`` (the eager timing is unaffected). If the vmap
+    trial fails (an op without a batching rule, an
     in-place write into a tensor shared by all tasks), "auto" runs and keeps the loop and says why
     in ``.fallback``; an error the loop raises too is raised. Both give the same numbers: models
     with BatchNorm/LayerNorm are computed exactly under vmap (see :func:`exact_norms`), and so

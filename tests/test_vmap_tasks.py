@@ -384,7 +384,9 @@ def _mlp_setup(device, n_tasks=N_TASKS, seed=7):
     return fm, task, support, query
 
 
-def test_auto_times_both_strategies_then_keeps_one_and_always_equals_the_loop(device):
+def test_auto_times_both_strategies_then_keeps_one_and_always_equals_the_loop(
+    device, fresh_decisions
+):
     fm, task, support, query = _mlp_setup(device)
     losses, _ = _loop(task, (fm.params, fm.buffers), (support, query))
     expected = (losses.detach(), _meta_grad(losses.sum(), fm.params))
@@ -392,17 +394,128 @@ def test_auto_times_both_strategies_then_keeps_one_and_always_equals_the_loop(de
     run = metafunc.vmap_tasks(task, in_dims=(None, None, 0, 0))
     assert run.strategy is None
     chosen = []
-    for call in range(1, 8):
+    for call in range(1, 9):
         losses, _ = run(fm.params, fm.buffers, support, query)
         _assert_trees_close((losses.detach(), _meta_grad(losses.sum(), fm.params)), expected)
-        if device == "cpu":
-            assert (run.strategy is None) == (call < 6), call  # loop, vmap x3: then decided
+        if device == "cpu":  # loop, vmap x2 (x3 unless one is twice as fast): then decided
+            assert run.strategy is None or call >= 5, call
         else:
             assert run.strategy == "vmap", call  # accelerator inputs: vmap from the first call
         chosen.append(run.strategy)
     assert chosen[-1] in ("vmap", "loop")
     assert chosen[-1] == chosen[-2]
     assert run.__wrapped__ is task and run.__name__ == task.__name__
+    assert "per step" in run.reason
+
+
+@pytest.fixture
+def fresh_decisions():
+    """A clean slate for "auto": its decisions are kept per process."""
+    from metafunc import _vmap
+
+    saved = dict(_vmap._DECISIONS)
+    _vmap._DECISIONS.clear()
+    yield _vmap
+    _vmap._DECISIONS.clear()
+    _vmap._DECISIONS.update(saved)
+
+
+class _Clock:
+    """A stand-in for time.perf_counter: the test moves it, as a backward pass would take time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _counting_task():
+    """A per-task function that counts its calls: a loop over 3 tasks calls it 3 times, vmap once."""
+    calls = []
+
+    def task(w, x):
+        calls.append(1)
+        return (x @ w).sum()
+
+    return task, calls
+
+
+@pytest.mark.parametrize(("loop_ms", "vmap_ms", "winner"), [(1, 5, "loop"), (5, 1, "vmap")])
+def test_auto_times_from_call_to_call_so_the_backward_counts(
+    loop_ms, vmap_ms, winner, fresh_decisions, monkeypatch
+):
+    """The forward passes take no time on this clock; the time the caller spends after each call
+    (its backward pass) decides. A clear win (5x) decides after one timed call of each: call 5."""
+    clock = _Clock()
+    monkeypatch.setattr(fresh_decisions, "time", clock)
+    w, x = torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D)
+    task, calls = _counting_task()
+    run = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    for call in range(1, 6):
+        before = len(calls)
+        run(w, x)
+        ran = "loop" if len(calls) - before == 3 else "vmap"
+        clock.now += (loop_ms if ran == "loop" else vmap_ms) / 1000
+        assert (run.strategy is None) == (call < 5), call
+    assert run.strategy == winner
+    assert run.reason.startswith(f"{winner} {min(loop_ms, vmap_ms):.1f} ms per step")
+
+
+def test_auto_decides_after_six_calls_when_neither_is_twice_as_fast(fresh_decisions, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fresh_decisions, "time", clock)
+    task, calls = _counting_task()
+    run = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    for call in range(1, 8):
+        before = len(calls)
+        run(torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D))
+        clock.now += 0.004 if len(calls) - before == 3 else 0.003
+        assert (run.strategy is None) == (call < 7), call
+    assert run.strategy == "vmap"
+
+
+def test_the_inline_idiom_times_once_then_runs_the_decision_at_once(fresh_decisions, caplog):
+    """vmap_tasks(...) made anew every step (as users write torch.func.vmap(...)(...)): the
+    decision is found by the function's code and the arguments' shapes; other shapes are timed
+    anew."""
+    w, x = torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D)
+    task, calls = _counting_task()
+
+    def step(x):
+        return metafunc.vmap_tasks(task, in_dims=(None, 0))(w, x)
+
+    with caplog.at_level("INFO", logger="metafunc"):
+        for _ in range(7):
+            step(x)
+    run = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    before = len(calls)
+    run(w, x)
+    assert run.strategy in ("loop", "vmap")
+    assert len(calls) - before == (3 if run.strategy == "loop" else 1)  # no trial ran
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vmap_tasks(task): auto chose {run.strategy!r}: {run.reason}"
+    ]
+    other = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    other(w, torch.ones(5, 4, 2, dtype=D))  # another meta-batch size: timed anew
+    assert other.strategy is None
+
+
+def test_deterministic_algorithms_make_auto_take_vmap_without_timing(fresh_decisions):
+    task, calls = _counting_task()
+    run = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    torch.use_deterministic_algorithms(True)
+    try:
+        run(torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert run.strategy == "vmap" and len(calls) == 1
+    assert "use_deterministic_algorithms" in run.reason
+
+
+def test_a_fixed_strategy_says_so():
+    run = metafunc.vmap_tasks(lambda x: x, strategy="loop")
+    assert run.strategy == "loop" and run.reason == "strategy='loop' was asked for"
 
 
 def test_auto_picks_vmap_at_once_for_inputs_off_the_cpu():
