@@ -140,6 +140,48 @@ def with_metafunc(prob: Problem, model: nn.Module, strategy="auto", checkpoint=N
     return _harness.vmap_tasks_meta_backward(task, fm.params, strategy)
 
 
+def with_metafunc_inline(prob: Problem, model: nn.Module):
+    """The idiom users write: the task function and ``vmap_tasks(...)`` made anew inside every
+    step, as one writes ``torch.func.vmap(f)(...)``."""
+    fm = metafunc.functionalize(model)
+    params = fm.params
+
+    def meta_backward(data):
+        opt = metafunc.optim.sgd(lr=prob.lr)
+
+        def loss(p, batch):
+            return prob.loss(fm(p, batch[0]), batch[1])
+
+        def task(p, sx, sy, qx, qy):
+            result = metafunc.inner_loop(loss, p, opt, (sx, sy), steps=prob.steps)
+            return loss(result.params, (qx, qy))
+
+        metafunc.vmap_tasks(task, in_dims=(None, 0, 0, 0, 0))(params, *data).mean().backward()
+
+    return meta_backward
+
+
+def with_maml(prob: Problem, model: nn.Module, fresh: bool):
+    """``metafunc.algorithms.MAML(...).meta_grad``: the learner made once, or (``fresh``) anew in
+    every step; the meta-gradient written into the model's ``.grad``."""
+    fm = metafunc.functionalize(model)
+    params = fm.params
+
+    def make():
+        return metafunc.algorithms.MAML(fm, prob.loss, inner_lr=prob.lr, steps=prob.steps)
+
+    learner = make()
+
+    def meta_backward(data):
+        grads, _ = (make() if fresh else learner).meta_grad(
+            {"params": params}, (data[0], data[1]), (data[2], data[3])
+        )
+        for k, g in grads["params"].items():
+            params[k].grad = g
+
+    return meta_backward
+
+
 def with_higher(prob: Problem, model: nn.Module):
     inner = torch.optim.SGD(model.parameters(), lr=prob.lr)
 
@@ -183,6 +225,9 @@ def builders(workload: str) -> dict[str, Callable]:
         }
     rows = {
         "metafunc": with_metafunc,
+        "metafunc inline": with_metafunc_inline,
+        "MAML.meta_grad": lambda p, m: with_maml(p, m, fresh=False),
+        "MAML.meta_grad fresh": lambda p, m: with_maml(p, m, fresh=True),
         "hand-written vmap": lambda p, m: hand_written(p, m, vmapped=True),
         "hand-written loop": hand_loop,
     }
@@ -242,11 +287,14 @@ def run_rows(rows: list[_harness.Row], device, repeats: int, min_sample_s: float
     be the fastest, judged by their best warm-up iteration."""
     best = {}
     for row in rows:
-        auto = row.task_map is not None and row.task_map.strategy is None
+        # metafunc's "auto" rows (the inline ones and the learners too, whose vmap_tasks is made
+        # inside): 7 warm-up steps, so that its trials (at most 6 calls) are over
+        auto = row.name.startswith(("metafunc", "MAML")) and "ckpt" not in row.name
+        auto = auto and (row.task_map is None or row.task_map.strategy is None)
         times = [_harness.clock(row.iteration, device) for _ in range(7 if auto else 2)]
         best[row.name] = min(times)
         if auto:
-            row.notes.append(f"auto picked {row.task_map.strategy!r} in {sum(times[:6]):.1f} s")
+            row.notes.append(f"first 7 steps {sum(times):.1f} s (auto's trials)")
     _harness.round_robin(_harness.drop_slow(rows, best), best, device, repeats, min_sample_s)
 
 
@@ -299,6 +347,10 @@ def bench(key: str, prob: Problem, device, repeats: int, min_sample_s: float, ta
     tag = prob.name.split(",")[0] + (f", {prob.steps} step(s)" if key == "b" else "")
     ours = ratios["metafunc"]
     targets.append((f"metafunc <= 1.10x fastest correct hand-written: {tag}", ours, ours <= 1.1))
+    for name in ("metafunc inline", "MAML.meta_grad", "MAML.meta_grad fresh"):
+        if name in ratios:
+            r = ratios[name]
+            targets.append((f"{name} <= 1.05x fastest correct hand-written: {tag}", r, r <= 1.05))
     if key == "a" and "higher (loop)" in ratios:
         speedup = ratios["higher (loop)"] / ours
         targets.append(("metafunc >= 5x faster than higher: (a)", speedup, speedup >= 5))
