@@ -276,6 +276,7 @@ def _code_of(func: Any) -> Any:
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
+    leaves: list[Any]
     leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
     shapes = tuple(
         (tuple(x.shape), x.dtype, x.device, x.requires_grad)
@@ -298,6 +299,7 @@ class _TaskMap:
     def __init__(self, func, in_dims, out_dims, randomness, chunk_size, strategy):
         functools.update_wrapper(self, func)
         self._func = func
+        self._name = getattr(func, "__name__", type(func).__name__)
         self._in_dims, self._out_dims = in_dims, out_dims
         self._randomness, self._chunk_size = randomness, chunk_size
         self._requested = strategy
@@ -350,12 +352,12 @@ class _TaskMap:
             out = self._run("loop", args, kwargs)
             decision.strategy, decision.fallback = "loop", f"{type(error).__name__}: {error}"
             decision.reason = f"vmap failed ({type(error).__name__}), the loop ran: see .fallback"
-            _log.info("vmap_tasks(%s): %s", self.__name__, decision.reason)
+            _log.info("vmap_tasks(%s): %s", self._name, decision.reason)
             return out
 
     def _decide(self, decision: _Decision, strategy: str, reason: str) -> None:
         decision.strategy, decision.reason, decision.pending = strategy, reason, None
-        _log.info("vmap_tasks(%s): auto chose %r: %s", self.__name__, strategy, reason)
+        _log.info("vmap_tasks(%s): auto chose %r: %s", self._name, strategy, reason)
 
     def _lookup(self, args, kwargs) -> _Decision:
         key = (self._key, _signature(args, kwargs))
