@@ -282,7 +282,7 @@ def learned(tmp_path_factory):
     """MAML on sinusoid, 300 steps of 10 tasks, recording what the runner evaluated."""
     out = tmp_path_factory.mktemp("maml-sinusoid")
     evaluated, episodes = [], []
-    evaluate, sample = _train._evaluate, _train.Tasks.sample
+    evaluate, sample = _train._loop._evaluate, _train.Tasks.sample
 
     def spy_evaluate(learner, meta, tasks, split, n, *rest):
         values = evaluate(learner, meta, tasks, split, n, *rest)
@@ -295,7 +295,7 @@ def learned(tmp_path_factory):
         return episode
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_train, "_evaluate", spy_evaluate)
+        patch.setattr(_train._loop, "_evaluate", spy_evaluate)
         patch.setattr(_train.Tasks, "sample", spy_sample)
         results = _run(
             out, "--steps", "300", "--meta-batch", "10", "--eval-tasks", "50",

@@ -1,0 +1,76 @@
+"""The learner that ``--algorithm`` names, built from the flags, and the choice of
+``--strategy auto`` (vmap or a loop over tasks, timed on this machine)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import algorithms, distributed, implicit
+from ._models import _head_names, _warp_names
+
+
+def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy: str):
+    common: dict[str, Any] = {"strategy": strategy}
+    a = args.algorithm
+    if a in ("maml", "fomaml", "metasgd", "anil", "mamlpp"):
+        kwargs: dict[str, Any] = {
+            "inner_lr": args.inner_lr,
+            "steps": args.inner_steps,
+            "first_order": args.first_order or a == "fomaml",
+        }
+        if a == "metasgd":
+            kwargs["learn_lr"] = "per_param"
+        if a == "anil":
+            kwargs["adapt"] = _head_names(model, args.task)
+        if a == "mamlpp":
+            kwargs["learn_lr"] = "per_layer_per_step"
+            kwargs["step_weights"] = _msl_weights(args.inner_steps, 0.0)
+        return algorithms.MAML(fm, loss, **kwargs, **common)
+    if a == "reptile":
+        return algorithms.Reptile(
+            fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, **common
+        )
+    if a == "imaml":
+        return algorithms.IMAML(
+            fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, lam=args.lam,
+            solve=functools.partial(implicit.solve_cg, maxiter=args.cg_steps),
+            if_not_converged="ignore", **common,
+        )  # fmt: skip
+    if a == "leap":
+        return algorithms.Leap(fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, **common)
+    return algorithms.WarpGrad(
+        fm, loss, warp=_warp_names(model, args.task), inner_lr=args.inner_lr,
+        steps=args.inner_steps, seed=args.seed,
+        buffer_size=1000 if args.task == "sinusoid" else 200, **common,
+    )  # fmt: skip
+
+
+def _msl_weights(steps: int, progress: float) -> list[float]:
+    """MAML++'s multi-step loss: from uniform weights to the last step only, over ``progress``."""
+    a = min(max(progress, 0.0), 1.0)
+    w = [(1 - a) / steps] * steps
+    w[-1] += a
+    return w
+
+
+def _choose_strategy(args, fm, model, tasks, device) -> str:
+    if args.strategy != "auto":
+        return args.strategy
+    if device.type != "cpu" or args.compile:  # a compiled loop would unroll every task
+        return "vmap"
+    probe = _learner(args, fm, model, tasks.loss, "auto")
+    meta = probe.init()
+    generator = torch.Generator().manual_seed(10**6 + args.seed)
+    rng = torch.get_rng_state()
+    share = -(-args.meta_batch // distributed.world_size())  # the largest share of a process
+    for _ in range(6):  # vmap_tasks(strategy="auto") times loop and vmap three times each
+        episode = tasks.sample("train", share, generator, device)
+        probe.meta_grad(meta, episode.support, episode.query)
+    torch.set_rng_state(rng)
+    chosen = [m.strategy for m in probe._maps.values() if getattr(m, "strategy", None)]
+    return chosen[0] if chosen else "vmap"
