@@ -3,6 +3,16 @@
 ``opt = adam(lr=...)``; ``state = opt.init(params)``; ``updates, state = opt.update(grads, state,
 params)``; ``params = metafunc.apply_updates(params, updates)``. Every function is out-of-place and
 differentiable in all its inputs, hyperparameters included.
+
+Half precision: the arithmetic of float16 and bfloat16 params runs in float32 and their optimizer
+state is kept in float32; updates come back in the params' dtype. The ``scale_by_*`` transforms and
+:func:`trace` take ``accumulator_dtype=`` to choose the state's dtype (e.g. ``torch.float16`` to
+save memory, ``torch.float64`` for float32 params). In float16, an exactly-zero gradient entry is
+taken as a structural zero (a masked loss): the meta-gradient does not flow back through the
+optimizer's dependence on it, whose derivative (about ``lr / eps``) float16 cannot hold.
+
+A Python-number hyperparameter larger than a params leaf's dtype can hold (``lr=1e300`` on float32
+params) raises a ``ValueError`` in ``init`` or ``update``; tensor hyperparameters are not read.
 """
 
 from ._adaptive import (

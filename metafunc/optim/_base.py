@@ -10,6 +10,7 @@ import torch
 
 from .. import _tree
 from .._typing import OptState, Params, PyTree, Updates
+from ._hyper import HyperparameterOverflowError
 
 
 class InitFn(Protocol):
@@ -117,7 +118,12 @@ def _chain(
     call = f"{name or 'chain'}(...).update"
 
     def init(params: Params) -> OptState:
-        return tuple(t.init(params) for t in transforms)
+        try:
+            return tuple(t.init(params) for t in transforms)
+        except HyperparameterOverflowError as e:
+            if name is None:
+                raise
+            raise e.seen_from(f"{name}(...).init") from None
 
     def update(updates, state, params=None):
         plain = isinstance(state, tuple) and not hasattr(type(state), "_fields")  # no NamedTuple
@@ -134,6 +140,10 @@ def _chain(
                 updates, s = t.update(updates, s, params)
             except StateTypeError as e:
                 raise e.seen_from(call, f"[{i}]", name) from None
+            except HyperparameterOverflowError as e:
+                if name is None:
+                    raise
+                raise e.seen_from(call) from None
             new_state.append(s)
         return updates, tuple(new_state)
 

@@ -154,6 +154,48 @@ def check(
     return value
 
 
+class HyperparameterOverflowError(ValueError):
+    """A Python-number hyperparameter that overflows a params leaf's dtype (``init``, ``update``).
+
+    Raised by :func:`leaves` with the transform's call; :func:`metafunc.optim.chain` re-raises it
+    (:meth:`seen_from`) under the name of the named optimizer it builds (``adam(...).update``).
+    """
+
+    def __init__(self, call: str, name: str, value: object, dtype: torch.dtype, key: str) -> None:
+        self.name, self.value, self.dtype, self.key = name, value, dtype, key
+        super().__init__(
+            f"{call}: {name}={value!r} overflows {dtype} (largest finite value "
+            f"{torch.finfo(dtype).max!r}) at params leaf {key}: the update would be inf or nan. "
+            f"Pass a smaller {name}, or params of a wider dtype (float64: "
+            f"model.double())."
+        )
+
+    def seen_from(self, call: str) -> HyperparameterOverflowError:
+        return HyperparameterOverflowError(call, self.name, self.value, self.dtype, self.key)
+
+
+# float16's largest value is the smallest of the floating dtypes params take (float8 aside): a
+# number within it fits every leaf, and the per-leaf check below is skipped
+_FITS_ANY = torch.finfo(torch.float16).max
+
+
+def _magnitude(value: numbers.Real) -> float:
+    """``abs(value)`` as a float; 0 for ``inf`` (and ints too large for a float), which the
+    factories allow only where they mean "no bound"."""
+    try:
+        number = abs(float(value))
+    except OverflowError:
+        return 0.0
+    return 0.0 if math.isinf(number) else number
+
+
+def _check_fits(call: str, name: str, value: numbers.Real, leaf: Any, path: Any) -> None:
+    """Raises if a Python number is beyond ``leaf``'s dtype (Python floats and dtypes only: no
+    tensor is read, so this is free under ``vmap``, ``grad`` and ``torch.compile``)."""
+    if _magnitude(value) > torch.finfo(leaf.dtype).max:
+        raise HyperparameterOverflowError(call, name, value, leaf.dtype, format_path(path))
+
+
 def _fits_leaf(value: torch.Tensor, leaf: Any) -> bool:
     """A per-parameter tensor fits its leaf: one number (not adding dims), or the leaf's shape."""
     if value.dim() == 0 or not isinstance(leaf, torch.Tensor):
@@ -179,10 +221,14 @@ def leaves(call: str, name: str, value: Any, tree: PyTree) -> list:
     tree that matches the full params also serves a masked sub-tree of them (entries for leaves
     not in ``tree`` are ignored); each of its tensors must be 0-d (or hold one number without
     adding dimensions) or have exactly its leaf's shape. Under ``vmap`` the shapes compared are the
-    per-task ones.
+    per-task ones. A Python number must fit each leaf's dtype (``inf``, which the factory allows
+    only where it means "no bound", is not checked); tensor values are not read.
     """
     if not is_tree(value):
         tleaves = optree.tree_leaves(tree)
+        if isinstance(value, numbers.Real) and not -_FITS_ANY <= cast(float, value) <= _FITS_ANY:
+            for path, leaf in zip(optree.tree_paths(tree), tleaves):
+                _check_fits(call, name, value, leaf, path)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             for i, leaf in enumerate(tleaves):
                 if not _broadcasts_unchanged(value, leaf):
@@ -210,6 +256,9 @@ def leaves(call: str, name: str, value: Any, tree: PyTree) -> list:
             )
         values = [lookup[p] for p in tpaths]
     for i, (v, leaf) in enumerate(zip(values, optree.tree_leaves(tree))):
+        if isinstance(v, numbers.Real) and not -_FITS_ANY <= cast(float, v) <= _FITS_ANY:
+            path = optree.tree_paths(tree)[i]
+            _check_fits(call, f"{name}{format_path(path)}", v, leaf, path)
         if isinstance(v, torch.Tensor) and not _fits_leaf(v, leaf):
             key = format_path(optree.tree_paths(tree)[i])
             raise ValueError(

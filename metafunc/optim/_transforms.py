@@ -9,7 +9,7 @@ import torch
 
 from .. import _tree
 from .._typing import Hyper, Scalar, Updates
-from . import _hyper
+from . import _hyper, _precision
 from ._base import EmptyState, GradientTransformation, _count, check_state
 
 
@@ -132,7 +132,11 @@ class TraceState(NamedTuple):
 
 
 def trace(
-    momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False
+    momentum: Hyper,
+    dampening: Hyper = 0.0,
+    nesterov: bool = False,
+    *,
+    accumulator_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Heavy-ball momentum as in ``torch.optim.SGD``.
 
@@ -144,18 +148,31 @@ def trace(
         momentum: the momentum factor ``mu``.
         dampening: the dampening ``tau`` (not applied on the first step, like torch).
         nesterov: Nesterov momentum.
+        accumulator_dtype: the dtype of the momentum buffers: by default float32 for float16 and
+            bfloat16 params (whose arithmetic also runs in float32), the params' dtype otherwise.
     """
     _hyper.check("trace(momentum)", "momentum", momentum, low=0.0)
     _hyper.check("trace(dampening)", "dampening", dampening)
     if not isinstance(nesterov, bool):
         raise TypeError(f"trace(nesterov): expected a bool, got {type(nesterov).__name__}.")
+    _precision.check_accumulator_dtype("trace", accumulator_dtype)
     plain_dampening = not _hyper.is_tree(dampening) and not isinstance(dampening, torch.Tensor)
 
     def init(params):
         _tree.check_floating("trace.init", params)
         _hyper.match("trace.init", "momentum", momentum, params)
         _hyper.match("trace.init", "dampening", dampening, params)
-        return TraceState(_count(params), optree.tree_map(torch.zeros_like, params))
+        return TraceState(_count(params), _precision.zeros(params, accumulator_dtype))
+
+    def kernel(g, state, mu, tau, first):
+        (b,) = state
+        damp: float | torch.Tensor
+        if plain_dampening and tau == 0:
+            damp = 1.0
+        else:
+            damp = torch.where(first, 1.0, 1.0 - torch.as_tensor(tau, dtype=g.dtype))
+        b = mu * b + damp * g
+        return (g + mu * b if nesterov else b), (b,)
 
     def update(updates, state, params=None):
         check_state("trace.update", "trace", state, TraceState)
@@ -163,17 +180,15 @@ def trace(
         leaves, spec = optree.tree_flatten(updates)
         mus = _hyper.leaves("trace.update", "momentum", momentum, updates)
         taus = _hyper.leaves("trace.update", "dampening", dampening, updates)
-        first = state.step == 0
-        new_trace, out = [], []
-        for g, b, mu, tau in zip(leaves, optree.tree_leaves(state.trace), mus, taus):
-            damp: float | torch.Tensor
-            if plain_dampening and tau == 0:
-                damp = 1.0
-            else:
-                damp = torch.where(first, 1.0, 1.0 - torch.as_tensor(tau, dtype=g.dtype))
-            b = (mu * b + damp * g).to(g.dtype)
-            new_trace.append(b)
-            out.append((g + mu * b).to(g.dtype) if nesterov else b)
+        out, (new_trace,) = _precision.run_leaves(
+            kernel,
+            leaves,
+            (optree.tree_leaves(state.trace),),
+            mus,
+            taus,
+            shared=(state.step == 0,),
+            accumulator_dtype=accumulator_dtype,
+        )
         return optree.tree_unflatten(spec, out), TraceState(
             state.step + 1, optree.tree_unflatten(spec, new_trace)
         )
