@@ -88,3 +88,12 @@ def test_train_help_runs_and_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m metafunc train")
     assert "tasks per step (default: 25 for sinusoid, 16 for glyphs and omniglot)" in text
+
+
+@pytest.mark.parametrize("flag", ["--inner-lr", "--outer-lr"])
+def test_a_learning_rate_that_overflows_float32_is_a_usage_error(flag, capsys):
+    """Before: a HyperparameterOverflowError traceback from the first inner update."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, "1e300", "--steps", "1"])
+    assert info.value.code == 2
+    assert f"{flag} 1e+300 overflows float32 (the models' dtype)" in capsys.readouterr().err

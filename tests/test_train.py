@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 Z95 = 1.959963984540054
 PNG = b"\x89PNG\r\n\x1a\n"
 KEYS = {
-    "algorithm", "task", "config", "strategy", "device", "versions", "meta_steps",
+    "algorithm", "task", "config", "strategy", "device", "threads", "versions", "meta_steps",
     "train_seconds", "skipped_steps", "test_before", "test_after", "history",
 }  # fmt: skip
 # a short sinusoid run: 4 tasks a step, vmapped, 6 test tasks, 2 val tasks every 2 steps (a later
@@ -393,7 +393,9 @@ def test_progress_lines_and_final_table(tmp_path, capsys):
     assert "val loss" in lines[-1]
     results = json.loads((tmp_path / "results.json").read_text())
     out = captured.out
-    assert "maml on sinusoid: 20 meta-steps in " in out and "(vmap over tasks, cpu)" in out
+    assert (
+        "maml on sinusoid: 20 meta-steps in " in out and "(vmap over tasks, cpu, 1 thread)" in out
+    )
     assert "post-adaptation on 6 held-out test tasks (mean +- 95 % CI):" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
     assert rows[0] == ["metric", "before", "meta-training", "after"]

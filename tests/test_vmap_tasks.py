@@ -431,7 +431,7 @@ class _Clock:
 
 
 def _counting_task():
-    """A per-task function that counts its calls: a loop over 3 tasks calls it 3 times, vmap once."""
+    """A per-task function that counts its calls: a loop over 3 tasks makes 3, vmap one."""
     calls = []
 
     def task(w, x):

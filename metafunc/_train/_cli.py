@@ -89,6 +89,15 @@ def _default_help(dest: str, default: Any) -> str:
     return f"(default: {_shown(default)})"
 
 
+# defaults that are not a value
+_SHOWN = {
+    "out": "runs/<algorithm>-<task>-seed<seed>",
+    "threads": "chosen from the cores this process may use and the size of a meta-step: 1 for "
+    "small models such as the sinusoid MLP, whose kernels are too small to share and stall on a "
+    "busy machine",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -102,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
         dest = flag[2:].replace("-", "_")
         if kwargs.get("action") == "store_true" and dest not in _SCOPED:
             default = False
-        shown = "runs/<algorithm>-<task>-seed<seed>" if dest == "out" else default
+        shown = _SHOWN.get(dest, default)
         kwargs.setdefault("default", default)
         p.add_argument(flag, help=f"{text} {_default_help(dest, shown)}".strip(), **kwargs)
 
@@ -130,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     add("--checkpoint-every", "save a checkpoint every this many steps", 500, type=_positive(int))
     add("--seed", "training seed", 0, type=int)
     add("--device", "cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)", "cpu")
+    add("--threads", "CPU threads for torch", type=_positive(int))
     add("--strategy", "how tasks are batched; auto times both on the CPU", "auto",
         choices=("auto", "vmap", "loop"))  # fmt: skip
     add(
@@ -190,6 +200,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.eval_tasks < 2:
         p.error("--eval-tasks must be at least 2, for a 95 % confidence interval")
+    largest = torch.finfo(torch.float32).max  # the runner's models are float32
+    for name in ("inner_lr", "outer_lr", "lam"):
+        value = getattr(args, name)
+        if value is not None and value > largest:
+            flag = "--" + name.replace("_", "-")
+            p.error(f"{flag} {value:g} overflows float32 (the models' dtype); pass a smaller value")
     processes = _launched_processes()
     if args.meta_batch < processes:
         p.error(

@@ -17,10 +17,12 @@ from typing import Any
 import optree
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import metafunc
 
 from .. import distributed
+from .._threads import choose_threads
 from ._cli import _MAX_SKIPS, _config, _launched_processes, _resume_command
 from ._errors import PROG, RunError
 from ._folder import RunFolder, _share_folder
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     device = _init_distributed(args)
     main_process = distributed.rank() == 0
     folder = _share_folder(args, f"{PROG} {shlex.join(argv)}", main_process)
+    threads = torch.get_num_threads()  # _run sets its own; a caller in Python gets it back
     try:
         return _run(args, argv, device, folder, main_process)
     except KeyboardInterrupt:  # a second Ctrl-C, one outside the training loop, or torchrun
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         raise RunError(f"interrupted. {folder.kept()}{resume}", 130) from None
     finally:
         folder.close()
+        torch.set_num_threads(threads)
 
 
 def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool) -> dict:
@@ -106,6 +110,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         model = ConvNet(args.ways, args.hidden, warp=warp)
     model = model.to(device)
     fm = metafunc.functionalize(model)
+    threads = _set_threads(args, model, device)
     if resumed is not None:
         strategy = resumed["strategy"]
     elif distributed.world_size() == 1:
@@ -244,6 +249,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         "config": _config(args),
         "strategy": strategy,
         "device": str(device),
+        "threads": threads,
         "processes": distributed.world_size(),
         "versions": {
             "metafunc": metafunc.__version__,
@@ -261,6 +267,24 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         return results
     _write(results, args, folder, learner, meta, tasks, device)
     return results
+
+
+def _set_threads(args, model: nn.Module, device) -> dict[str, Any]:
+    """Sets torch's intra-op thread count (``--threads``, else :func:`choose_threads` from the
+    cores this process may use and the FLOPs of a forward pass over one meta-batch's support
+    sets); returns ``{"count", "reason"}`` for results.json."""
+    work = 0.0
+    if args.threads is None:  # zeros of the support sets' shape: no data drawn, no RNG used
+        sinusoid = args.task == "sinusoid"
+        examples = args.meta_batch * args.shots * (1 if sinusoid else args.ways)
+        x = torch.zeros(examples, *((1,) if sinusoid else (1, 28, 28)), device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        work = counter.get_total_flops()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    count, reason = choose_threads(args.threads, work=work, local_processes=local)
+    torch.set_num_threads(count)
+    return {"count": count, "reason": reason}
 
 
 def _nonfinite(step: int, loss: float, finite: list, grads, episode, args, in_a_row: int) -> str:

@@ -147,6 +147,10 @@ def _first(episode: data.Episode):
     return x[0], y[0]
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("s" if count != 1 else "")
+
+
 def _print_table(results: dict, out: Path, plotted: bool) -> None:
     def cell(summary: dict | None) -> str:
         if summary is None:
@@ -158,7 +162,7 @@ def _print_table(results: dict, out: Path, plotted: bool) -> None:
     n = results["test_after"]["loss"]["n"]
     print(f"\n{results['algorithm']} on {results['task']}: {results['meta_steps']} meta-steps in "
           f"{results['train_seconds']:.1f} s ({results['strategy']} over tasks, "
-          f"{results['device']})")  # fmt: skip
+          f"{results['device']}, {_threads(results['threads']['count'])})")  # fmt: skip
     if results["skipped_steps"]:
         print(f"skipped {len(results['skipped_steps'])} non-finite steps (--on-nonfinite skip)")
     print(f"post-adaptation on {n} held-out test tasks (mean +- 95 % CI):")
