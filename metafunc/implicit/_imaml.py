@@ -37,6 +37,18 @@ class IMAMLResult(NamedTuple):
     grad_norm: torch.Tensor
 
 
+def _sub(a: Params, b: Params) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def _plus(a: Params, lam: float | torch.Tensor, b: Params) -> Params:
+    """``a + lam * b`` leaf by leaf, in one operation per leaf when ``lam`` is a number (the
+    operations, not their arithmetic, are the cost of small networks)."""
+    if isinstance(lam, torch.Tensor):
+        return {k: a[k] + lam * b[k] for k in a}
+    return {k: torch.add(a[k], b[k], alpha=lam) for k in a}
+
+
 def imaml(
     loss_fn: Callable[[Params, Any], torch.Tensor],
     params: Params,
@@ -126,12 +138,32 @@ def imaml(
     track = if_not_converged != "ignore"
 
     # The proximal term is differentiated in closed form (lam * (phi - theta)), not by autograd:
-    # the inner steps and the optimality function cost one gradient of loss_fn each.
+    # the inner steps and the optimality function cost one gradient of loss_fn each. So is the
+    # backward pass: J^T w = H w + lam w (linearize) and the meta-gradient lam u (optimality_vjp),
+    # one evaluation of loss_fn for the Hessian-vector products, as a hand-written iMAML.
     loss_grad = grad_and_value(loss_fn)
 
     def optimality(phi, theta, batch, lam):
-        g = torch.func.grad(loss_fn)(phi, batch)
-        return {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
+        return _plus(torch.func.grad(loss_fn)(phi, batch), lam, _sub(phi, theta))
+
+    def linearize(phi, theta, batch, lam):
+        # J = H + lam I with H the Hessian of loss_fn: H w by one vjp of its gradient at phi
+        vjp = torch.func.vjp(lambda p: torch.func.grad(loss_fn)(p, batch), phi)
+        g, hvp = vjp[0], vjp[1]
+        residual = lambda: _plus(g, lam, _sub(phi, theta))
+        return residual, lambda w: _plus(hvp(w)[0], lam, w)
+
+    def optimality_vjp(phi, u, theta, batch, lam):
+        # -(dF/d theta)^T u = lam u and -(dF/d lam)^T u = -<phi - theta, u> in closed form (no
+        # further evaluation of loss_fn); a differentiable batch goes through F (None)
+        def lam_bar():
+            dot = sum(((phi[k] - theta[k]) * u[k]).sum() for k in phi)
+            return (-dot).reshape(lam.shape).to(lam.dtype)
+
+        scale = lam.reshape(()) if isinstance(lam, torch.Tensor) else lam
+        theta_bar = {k: functools.partial(torch.mul, u[k], scale) for k in theta}
+        batch_bar = optree.tree_map(lambda _: None, batch, none_is_leaf=True)
+        return (theta_bar, batch_bar, lam_bar if isinstance(lam, torch.Tensor) else None), {}
 
     def solver(init, theta, batch, lam):
         phi, state = init, opt.init(init)
@@ -140,7 +172,7 @@ def imaml(
             g, value = loss_grad(phi, batch)
             if start is None and track:  # phi = theta: the residual is grad loss_fn(theta)
                 start = _norm(g).detach()
-            g = {k: g[k] + lam * (phi[k] - theta[k]) for k in g}
+            g = _plus(g, lam, _sub(phi, theta))
             losses.append(value)
             updates, state = opt.update(g, state, phi)
             phi = apply_updates(phi, updates)
@@ -162,6 +194,8 @@ def imaml(
         start_norm=lambda aux: aux[2],
         residual=("grad loss_fn(phi) + lam (phi - params)", "grad loss_fn(params)"),
         advice="Raise steps= or the inner learning rate, so that the inner problem is solved",
+        args_vjp=optimality_vjp,
+        linearize=linearize,
     )
     phi, (losses, grad_norm, _) = root(stop_gradient(params), params, batch, lam)
     return IMAMLResult(phi, losses, grad_norm)

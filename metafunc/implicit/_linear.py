@@ -57,9 +57,14 @@ def _vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     return torch.stack(leaves).sum() if len(leaves) > 1 else leaves[0]
 
 
-def _axpy(alpha: torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leafwise, ``alpha`` a 0-d tensor."""
-    return _map(lambda a, b: alpha.to(a.dtype) * a + b, x, y)
+def _axpy(alpha: torch.Tensor, x: PyTree, y: PyTree, *, subtract: bool = False) -> PyTree:
+    """``alpha * x + y`` (``y - alpha * x`` if ``subtract``) leafwise, ``alpha`` a 0-d tensor."""
+
+    def leaf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ax = (alpha if alpha.dtype == a.dtype else alpha.to(a.dtype)) * a
+        return b - ax if subtract else ax + b
+
+    return _map(leaf, x, y)
 
 
 def _size(tree: PyTree) -> int:
@@ -80,6 +85,36 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 def all_true(flag: torch.Tensor) -> bool:
     """``bool(flag.all())``, also for a flag batched by ``vmap`` (every task must be true)."""
     return bool(plain(flag).all())
+
+
+def _as_vector(call: str, b: PyTree) -> tuple[Callable, Callable] | None:
+    """``(ravel, unravel)`` between pytrees of ``b``'s structure and shapes and one flat vector,
+    when ``b`` has several leaves of one dtype and device; else ``None``. An iterative solver
+    run on the vector costs one tensor operation per vector update instead of one per leaf: on
+    small networks the operations, not their arithmetic, are the cost (``torch.func`` wrappers,
+    ``vmap``)."""
+    leaves, spec = optree.tree_flatten(b)
+    if len(leaves) < 2 or len({(x.dtype, x.device) for x in leaves}) > 1:
+        return None
+    shapes, sizes = [x.shape for x in leaves], [x.numel() for x in leaves]
+
+    def ravel(tree: PyTree, what: str = "matvec(v)") -> torch.Tensor:
+        parts, got = optree.tree_flatten(tree)
+        if got != spec or any(x.shape != s for x, s in zip(parts, shapes)):
+            fix = "Pass an init built like b" if what == "init" else "matvec must keep v's layout"
+            raise ValueError(
+                f"{call}: expected {what} to be a pytree of b's structure and shapes, {spec} "
+                f"with shapes {[tuple(s) for s in shapes]}, got {got} with shapes "
+                f"{[tuple(getattr(x, 'shape', ())) for x in parts]}. {fix} (the same keys and "
+                "shapes)."
+            )
+        return torch.cat([x.reshape(-1) for x in parts])
+
+    def unravel(vec: torch.Tensor) -> PyTree:
+        parts = torch.split(vec, sizes)
+        return optree.tree_unflatten(spec, [x.reshape(s) for x, s in zip(parts, shapes)])
+
+    return ravel, unravel
 
 
 def _check(call: str, b: PyTree, tol: float, atol: float, maxiter: int | None, ridge: Any) -> None:
@@ -123,7 +158,9 @@ def solve_cg(
     """Conjugate gradient for a symmetric positive-definite ``A`` (e.g. a Hessian + ``ridge``).
 
     Solves ``(A + ridge I) x = b``; stops when ``||r|| <= max(tol ||b||, atol)`` or after
-    ``maxiter`` products (default ``10 * size``, at least 10, also for a 0-d ``b``).
+    ``maxiter`` products (default ``10 * size``, at least 10, also for a 0-d ``b``). A pytree
+    ``b`` whose leaves share a dtype and device is solved as one flat vector (each vector update
+    one operation, whatever the number of leaves); ``matvec`` still sees pytrees like ``b``.
 
     Example:
         >>> import torch
@@ -133,9 +170,28 @@ def solve_cg(
         >>> x, int(info.iterations), bool(info.converged)
         (tensor([0.0909, 0.6364], dtype=torch.float64), 2, True)
     """
-    _check("solve_cg(matvec, b, ...)", b, tol, atol, maxiter, ridge)
+    call = "solve_cg(matvec, b, ...)"
+    _check(call, b, tol, atol, maxiter, ridge)
     A = _with_ridge(matvec, ridge)
     maxiter = maxiter if maxiter is not None else max(10 * _size(b), 10)
+    vector = _as_vector(call, b)
+    if vector is not None:  # the same iterations on one flat vector
+        ravel, unravel = vector
+        x, info = _cg(
+            lambda v: ravel(A(unravel(v))),
+            ravel(b),
+            None if init is None else ravel(init, "init"),
+            tol,
+            atol,
+            maxiter,
+        )
+        return unravel(x), info
+    return _cg(A, b, init, tol, atol, maxiter)
+
+
+def _cg(
+    A: Matvec, b: PyTree, init: PyTree | None, tol: float, atol: float, maxiter: int
+) -> tuple[PyTree, SolveInfo]:
     x = _map(torch.zeros_like, b) if init is None else init
     r = b if init is None else _map(torch.sub, b, A(x))
     p, rs = r, _vdot(r, r)
@@ -147,14 +203,14 @@ def solve_cg(
             break
         Ap = A(p)
         pAp = _vdot(p, Ap)
-        alpha = torch.where(done, torch.zeros_like(rs), rs / torch.where(pAp == 0, 1, pAp))
+        alpha = torch.where(done, 0.0, rs / torch.where(pAp == 0, 1, pAp))
         x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, Ap, r)
+        r = _axpy(alpha, Ap, r, subtract=True)
         rs_new = _vdot(r, r)
         beta = rs_new / torch.where(rs == 0, 1, rs)
         p = _axpy(beta, p, r)
         rs = torch.where(done, rs, rs_new)
-        iterations = iterations + (~done).long()
+        iterations = iterations + ~done  # bool + long: long
         done = done | (rs.detach().sqrt() <= thresh)
     residual = rs.detach().sqrt()
     return x, SolveInfo(residual, iterations, done, residual)

@@ -82,16 +82,20 @@ class _Problem:
         v = optree.tree_unflatten(self.sol_spec, list(cotangents))
         F_sol = lambda s: self.residual(optree.tree_leaves(s), diff_leaves)
         sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
-        vjp = torch.func.vjp(F_sol, sol)
-        F_at_sol, vjp_sol = vjp[0], vjp[1]
+        if root.linearize is not None:
+            args, kwargs = self.rebuild(diff_leaves)
+            F_at_sol, matvec = root.linearize(sol, *args, **kwargs)
+        else:
+            vjp = torch.func.vjp(F_sol, sol)
+            F_at_sol, vjp_sol = (lambda out=vjp[0]: out), vjp[1]
+
+            def matvec(w):  # J^T w
+                return vjp_sol(w)[0]
+
         optimality = None
         if limit is not None or root.on_solve is not None:  # "ignore": nothing extra
-            optimality = _norm(F_at_sol)
+            optimality = _norm(F_at_sol())
             root.check_optimality(optimality, limit)
-
-        def matvec(w):  # J^T w
-            return vjp_sol(w)[0]
-
         solve_kwargs = {}
         if root.solve_takes_rmatvec:
 
@@ -105,9 +109,17 @@ class _Problem:
         u, info = out if isinstance(out, tuple) else (out, None)
         if info is not None:
             root.report(info, optimality)
+        result: list = [None] * len(diff_leaves)
         picked = [i for i, need in enumerate(needs) if need]
+        if picked and root.args_vjp is not None:  # closed forms, where the caller knows them
+            args, kwargs = self.rebuild(diff_leaves)
+            closed = optree.tree_leaves(root.args_vjp(sol, u, *args, **kwargs), none_is_leaf=True)
+            for i in picked:
+                thunk = closed[self.diff_idx[i]]
+                result[i] = None if thunk is None else thunk()
+            picked = [i for i in picked if result[i] is None]
         if not picked:
-            return [None] * len(diff_leaves)
+            return result
 
         def F_args(*chosen):
             leaves = list(diff_leaves)
@@ -117,7 +129,6 @@ class _Problem:
 
         vjp_args = torch.func.vjp(F_args, *[diff_leaves[i] for i in picked])[1]
         grads = vjp_args(optree.tree_map(torch.neg, u))
-        result: list = [None] * len(diff_leaves)
         for i, g in zip(picked, grads):
             result[i] = g
         return result
@@ -157,7 +168,14 @@ def _parameters(fn: Callable[..., Any]) -> Any:
 class _Root:
     """A solver made differentiable. ``start_norm(aux)``, when given, is ``||F(init)||`` as the
     solver computed it (else it is evaluated here); ``residual`` and ``advice`` word the message
-    on an unconverged solution; ``check=False`` skips the shape check of ``F`` (trusted)."""
+    on an unconverged solution; ``check=False`` skips the shape check of ``F`` (trusted).
+    ``args_vjp(sol, u, *args, **kwargs)``, when given, returns a pytree of ``(args, kwargs)``'s
+    structure whose leaves are ``None`` (differentiate ``F`` in that leaf) or a function of no
+    arguments giving ``-(dF/d leaf)^T u`` in closed form (called only when the leaf needs a
+    gradient): the backward pass then evaluates ``F`` again only for the ``None`` leaves.
+    ``linearize(sol, *args, **kwargs)``, when given, returns ``(residual, matvec)``: a function of
+    no arguments giving ``F(sol, ...)`` and ``w -> J^T w``, in place of ``torch.func.vjp`` of
+    ``F``."""
 
     def __init__(
         self,
@@ -175,12 +193,15 @@ class _Root:
         start_norm=None,
         residual=("optimality_fn(sol, ...)", "optimality_fn(init, ...)"),
         advice="Run the solver for more steps (or to a tighter tolerance of its own)",
+        args_vjp=None,
+        linearize=None,
     ):
         self.call, self.check = call, check
         self.optimality_fn, self.solver, self.solve = optimality_fn, solver, solve
         self.has_aux, self.if_not_converged, self.on_solve = has_aux, if_not_converged, on_solve
         self.tol, self.atol, self.start_norm = tol, atol, start_norm
         self.residual, self.advice = residual, advice
+        self.args_vjp, self.linearize = args_vjp, linearize
         self.solve_takes_rmatvec = "rmatvec" in _parameters(solve)
         self.signature: inspect.Signature | None
         try:
