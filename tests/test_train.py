@@ -6,10 +6,12 @@ Runs are tiny (a few meta-steps, a handful of tasks, 8 conv channels) and write 
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -173,7 +175,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
 
     def interrupted(self, at, text):
         update(self, at, text)
-        if at == step:
+        if at == step and self.label is None:  # the training's progress, not an evaluation's
             raise KeyboardInterrupt
 
     monkeypatch.setattr(_train.Progress, "update", interrupted)
@@ -284,8 +286,8 @@ def learned(tmp_path_factory):
     evaluated, episodes = [], []
     evaluate, sample = _train._loop._evaluate, _train.Tasks.sample
 
-    def spy_evaluate(learner, meta, tasks, split, n, *rest):
-        values = evaluate(learner, meta, tasks, split, n, *rest)
+    def spy_evaluate(learner, meta, tasks, split, n, *rest, **options):
+        values = evaluate(learner, meta, tasks, split, n, *rest, **options)
         evaluated.append((split, n, values))
         return values
 
@@ -388,6 +390,9 @@ def test_progress_lines_and_final_table(tmp_path, capsys):
     _run(tmp_path, "--steps", "20", *FAST, "--no-plot", "--eval-every", "10")
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
+    before, lines, after = lines[:2], lines[2:-2], lines[-2:]
+    assert before == [f"evaluating 6 test tasks (before meta-training): {k}/6" for k in (0, 6)]
+    assert after == [f"evaluating 6 test tasks (after meta-training): {k}/6" for k in (0, 6)]
     assert 10 <= len(lines) <= 11 and all("meta-loss" in line for line in lines)  # one per 10 %
     assert lines[0].startswith("step 1/20 meta-loss ") and lines[-1].startswith("step 20/20 ")
     assert "val loss" in lines[-1]
@@ -413,10 +418,75 @@ def test_progress_bar_redraws_in_place_on_a_terminal(tmp_path, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     _run(tmp_path, "--steps", "3", *FAST, "--no-plot")
-    text = terminal.getvalue()
-    assert text.startswith("\r[") and text.endswith("\n") and text.count("\n") == 1
+    before, text, after, end = terminal.getvalue().split("\n")
+    assert text.startswith("\r[") and end == ""
     assert "] 3/3 meta-loss " in text and " it/s" in text
     assert "#" * 30 in text
+    for bar, when in ((before, "before"), (after, "after")):
+        assert bar.startswith(f"\revaluating 6 test tasks ({when} meta-training): [")
+        assert "] 6/6 " in bar and "#" * 30 in bar
+
+
+def test_evaluations_show_progress_in_chunks_of_100_tasks(tmp_path, capsys):
+    _run(tmp_path, "--steps", "1", *FAST, "--no-plot", "--eval-tasks", "250")
+    lines = capsys.readouterr().err.splitlines()
+    shown = [f"evaluating 250 test tasks ({{}} meta-training): {k}/250" for k in (0, 100, 200, 250)]
+    assert lines[:4] == [line.format("before") for line in shown]  # before the first step
+    assert lines[4].startswith("step 1/1 meta-loss ")
+    assert lines[5:] == [line.format("after") for line in shown]
+
+
+def test_the_strategy_choice_shows_its_trial_steps(tmp_path, capsys):
+    _run(tmp_path, "--steps", "1", *FAST, "--no-plot", "--strategy", "auto")
+    lines = capsys.readouterr().err.splitlines()
+    label = "choosing how to batch tasks (vmap or loop):"
+    assert lines[0] == f"{label} 0/7 trial meta-steps"
+    trials = [line for line in lines if line.startswith(label)]
+    assert 2 <= len(trials) <= 8 and trials == lines[: len(trials)]  # before anything else
+    assert re.search(r": (vmap|loop) \((vmap|loop) [\d.]+ ms per step, ", trials[-1])
+    assert lines[len(trials)].startswith("evaluating 6 test tasks (before meta-training): 0/6")
+
+
+class _Clock:
+    """A fake ``time`` for ``metafunc._vmap``: a loop over tasks costs 1, a vmap ``vmap_cost``."""
+
+    def __init__(self, monkeypatch, vmap_cost: float):
+        self.now = 0.0
+        loop, vmap = metafunc._vmap._loop, metafunc._vmap._TaskMap._vmap
+
+        def timed_loop(*args):
+            self.now += 1.0
+            return loop(*args)
+
+        def timed_vmap(task_map, *args):
+            self.now += vmap_cost
+            return vmap(task_map, *args)
+
+        monkeypatch.setattr(metafunc._vmap, "time", self)
+        monkeypatch.setattr(metafunc._vmap, "_DECISIONS", collections.OrderedDict())
+        monkeypatch.setattr(metafunc._vmap, "_loop", timed_loop)
+        monkeypatch.setattr(metafunc._vmap._TaskMap, "_vmap", timed_vmap)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("vmap_cost", "chosen", "trials"),
+    [(3.0, "loop", 5), (0.5, "vmap", 5), (1.5, "loop", 7), (0.8, "vmap", 7)],
+)
+def test_auto_strategy_times_until_it_decides(tmp_path, monkeypatch, capsys, vmap_cost, chosen,
+                                              trials):  # fmt: skip
+    """A clear win (2x) decides after one timed call of each; a closer one after two each, and
+    the faster still wins (not vmap by default)."""
+    _Clock(monkeypatch, vmap_cost)
+    results = _run(tmp_path, "--steps", "1", *FAST, *QUIET, "--strategy", "auto")
+    assert results["strategy"] == chosen
+    assert capsys.readouterr() == ("", "")  # --quiet: no trial lines either
+    _Clock(monkeypatch, vmap_cost)
+    _run(tmp_path, "--steps", "1", *FAST, "--no-plot", "--strategy", "auto", "--overwrite")
+    last = [line for line in capsys.readouterr().err.splitlines() if "trial meta-steps" in line]
+    assert last[-1].startswith(f"choosing how to batch tasks (vmap or loop): {trials}/7 ")
 
 
 def test_quiet_prints_nothing(tmp_path, capsys):

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from .. import algorithms, distributed, implicit
+from .._vmap import _AUTO_CALLS
 from ._models import _head_names, _warp_names
+from ._report import Progress
+
+# vmap_tasks(strategy="auto") alternates loop and vmap, a warm-up call each and then up to
+# _AUTO_CALLS - 1 timed calls each; a call's time ends when the next call starts
+_TRIALS = 2 * _AUTO_CALLS + 1
 
 
 def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy: str):
@@ -59,6 +65,8 @@ def _msl_weights(steps: int, progress: float) -> list[float]:
 
 
 def _choose_strategy(args, fm, model, tasks, device) -> str:
+    """``--strategy``, or for ``auto`` on the CPU the faster of vmap and a loop over tasks,
+    timed over a few meta-steps of a probe learner (shown on stderr unless ``--quiet``)."""
     if args.strategy != "auto":
         return args.strategy
     if device.type != "cpu" or args.compile:  # a compiled loop would unroll every task
@@ -68,9 +76,19 @@ def _choose_strategy(args, fm, model, tasks, device) -> str:
     generator = torch.Generator().manual_seed(10**6 + args.seed)
     rng = torch.get_rng_state()
     share = -(-args.meta_batch // distributed.world_size())  # the largest share of a process
-    for _ in range(6):  # vmap_tasks(strategy="auto") times loop and vmap three times each
+    progress = Progress(
+        _TRIALS, 0, enabled=not args.quiet, label="choosing how to batch tasks (vmap or loop):"
+    )
+    progress.update(0, "trial meta-steps")
+    chosen: list[Any] = []
+    for trial in range(1, _TRIALS + 1):  # until the probe's task map has decided
         episode = tasks.sample("train", share, generator, device)
         probe.meta_grad(meta, episode.support, episode.query)
+        chosen = [m for m in probe._maps.values() if getattr(m, "strategy", None)]
+        if chosen:
+            progress.update(trial, f"trial meta-steps: {chosen[0].strategy} ({chosen[0].reason})")
+            break
+        progress.update(trial, "trial meta-steps")
+    progress.close()
     torch.set_rng_state(rng)
-    chosen = [m.strategy for m in probe._maps.values() if getattr(m, "strategy", None)]
-    return chosen[0] if chosen else "vmap"
+    return chosen[0].strategy if chosen else "vmap"

@@ -147,10 +147,14 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
             learner.load_state_dict(states[distributed.rank()])
         history, start, seconds = resumed["history"], resumed["step"], resumed["seconds"]
         smooth, skipped, before = resumed["smooth"], resumed["skipped"], resumed["before"]
+    show = not args.quiet and main_process  # progress on stderr
     if start == 0:
-        before = _evaluate(learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100)
+        before = _evaluate(
+            learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+            shown="before meta-training" if show else None,
+        )  # fmt: skip
         _summaries(before, "before meta-training" if main_process else None)
-    progress = Progress(args.steps, start, enabled=not args.quiet and main_process)
+    progress = Progress(args.steps, start, enabled=show)
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
@@ -242,7 +246,10 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         finally:
             progress.close()
     seconds += time.perf_counter() - t0
-    final = _evaluate(learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100)
+    final = _evaluate(
+        learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+        shown="after meta-training" if show else None,
+    )  # fmt: skip
     results: dict[str, Any] = {
         "algorithm": args.algorithm,
         "task": args.task,
@@ -311,10 +318,25 @@ def _nonfinite(step: int, loss: float, finite: list, grads, episode, args, in_a_
     return f"step {step}: {text}. Likely cause: {cause}"
 
 
-def _evaluate(learner, meta, tasks: Tasks, split: str, n: int, seed: int, device, chunk: int):
-    """Post-adaptation query metrics on ``n`` fixed tasks of ``split`` (same tasks every time)."""
+def _evaluate(
+    learner,
+    meta,
+    tasks: Tasks,
+    split: str,
+    n: int,
+    seed: int,
+    device,
+    chunk: int,
+    shown: str | None = None,
+):
+    """Post-adaptation query metrics on ``n`` fixed tasks of ``split`` (same tasks every time),
+    ``chunk`` tasks at a time. With ``shown`` (when it is, e.g. ``"before meta-training"``),
+    progress on stderr: ``evaluating N test tasks (before meta-training): k/N``."""
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
+    label = f"evaluating {n} {split} tasks ({shown}):"
+    progress = Progress(n, 0, enabled=shown is not None, label=label)
+    progress.update(0, "")
     left = n
     while left > 0:
         k = min(chunk, left)
@@ -324,6 +346,8 @@ def _evaluate(learner, meta, tasks: Tasks, split: str, n: int, seed: int, device
         for key, value in metrics.items():
             parts.setdefault(key, []).append(value.detach())
         left -= k
+        progress.update(n - left, "")
+    progress.close()
     return {key: torch.cat(v) for key, v in parts.items()}
 
 

@@ -23,10 +23,15 @@ _Z95 = 1.959963984540054
 
 
 class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise.
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
+    The training steps' lines read ``step k/N <text>``; with a ``label`` (another phase, such as
+    ``"evaluating 600 test tasks:"``) both the lines and the bar start with it instead.
+    """
+
+    def __init__(self, total: int, start: int, enabled: bool = True, label: str | None = None):
         self.total, self.start_step, self.enabled = total, start, enabled
+        self.label = label
         self.tty = sys.stderr.isatty()
         self.t0, self.last_draw, self.last_decile = time.perf_counter(), 0.0, -1
         self.open_line = False  # a bar drawn on a terminal, not ended by a newline yet
@@ -40,11 +45,13 @@ class Progress:
             done = int(30 * step / self.total)
             rate = (step - self.start_step) / max(now - self.t0, 1e-9)
             bar = "#" * done + "." * (30 - done)
-            sys.stderr.write(f"\r[{bar}] {step}/{self.total} {text} {rate:.1f} it/s ")
+            title = "" if self.label is None else f"{self.label} "
+            sys.stderr.write(f"\r{title}[{bar}] {step}/{self.total} {text} {rate:.1f} it/s ")
             sys.stderr.flush()
             self.last_draw, self.open_line = now, True
         elif not self.tty and decile != self.last_decile:
-            sys.stderr.write(f"step {step}/{self.total} {text}\n")
+            line = f"{self.label or 'step'} {step}/{self.total} {text}"
+            sys.stderr.write(f"{line.rstrip()}\n")
             self.last_decile = decile
         if step == self.total and self.tty:
             self.close()

@@ -12,6 +12,7 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import get_interpreter_stack
 from torch.func import grad
 
 from .. import optim
@@ -22,6 +23,7 @@ from .._tree import close_matches
 from .._typing import Params, PyTree
 from .._vmap import vmap_tasks
 from ..optim import GradientTransformation
+from ..optim._base import apply_updates
 
 __all__ = ["MetaLearner", "resolve_loss"]
 
@@ -135,6 +137,48 @@ def inner_optimizer(
             "are SGD's: use learn_lr without inner_opt)."
         )
     return float("nan"), inner_opt
+
+
+def descend(
+    loss_fn: Callable[[Params, Any], torch.Tensor],
+    params: Params,
+    opt: GradientTransformation | list[GradientTransformation],
+    batch: Any,
+    steps: int,
+) -> Params:
+    """``params`` after ``steps`` steps of ``opt`` (or a list with one optimizer per step) on
+    ``loss_fn(params, batch)``, detached: adaptation for evaluation, with no graph to keep.
+
+    The values of :func:`~metafunc.inner_loop`'s steps, without its graph: in a per-task loop the
+    gradients are taken by ``torch.autograd.grad`` without ``create_graph``, so nothing of the
+    backward pass is recorded (``torch.func.grad`` always records it, for a second order); under
+    ``vmap``, where ``torch.autograd.grad`` cannot run, and under ``torch.compile``, by
+    ``torch.func.grad``, whose graph stays inside the transform. A param with no gradient path
+    gets a zero gradient (as under ``torch.func.grad``; ``inner_loop`` would raise).
+    """
+    opts = opt if isinstance(opt, list) else [opt] * steps
+    params = {k: v.detach() for k, v in params.items()}
+    state = opts[0].init(params)
+    for t in range(steps):
+        # under vmap (or another transform), and for dynamo, which traces torch.func.grad
+        if torch.compiler.is_compiling() or get_interpreter_stack():
+            grads = grad(loss_fn)(params, batch)
+        else:
+            free = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with torch.enable_grad():
+                loss = loss_fn(free, batch)
+                found = (
+                    torch.autograd.grad(loss, list(free.values()), allow_unused=True)
+                    if loss.requires_grad
+                    else (None,) * len(free)
+                )
+            grads = {
+                k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(params.items(), found)
+            }
+        updates, state = opts[t].update(grads, state, params)
+        params = {k: v.detach() for k, v in apply_updates(params, updates).items()}
+    return params
 
 
 class MetaLearner:
@@ -337,11 +381,17 @@ class MetaLearner:
         return grads, {k: v.detach() for k, v in metrics.items()}
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:
-        """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``)."""
+        """Per-task query metrics after adaptation on the support set (shape ``(tasks,)``).
+
+        No meta-gradient, so no graph: the adaptation keeps none (:func:`descend`) and the query
+        forward runs under ``torch.no_grad()``.
+        """
         self._check_meta_batch("evaluate", meta, support, query)
         detached = optree.tree_map(lambda x: x.detach(), meta)
 
         def one(meta, support, query):
-            return self.metrics(self.adapt(meta, support), query)
+            params = self.adapt(meta, support)
+            with torch.no_grad():
+                return self.metrics(params, query)
 
         return self._map("evaluate", one)(detached, support, query)

@@ -17,6 +17,7 @@ from ._base import (
     LossFn,
     MetaLearner,
     _check_positive_int,
+    descend,
     inner_optimizer,
     params_only,
 )
@@ -93,7 +94,7 @@ class Leap(MetaLearner):
         return points
 
     def adapt(self, meta, support: Batch) -> Params:
-        return stop_gradient(self.trajectory(meta["params"], support)[-1][0])
+        return descend(self.data_loss, meta["params"], self.inner_opt, support, self.steps)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
         self._check_meta_batch("meta_grad", meta, support, query)

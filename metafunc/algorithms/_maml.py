@@ -17,6 +17,7 @@ from ._base import (
     MetaLearner,
     _check_param_names,
     _check_positive_int,
+    descend,
     inner_optimizer,
 )
 
@@ -219,5 +220,10 @@ class MAML(MetaLearner):
         return loss, metrics
 
     def adapt(self, meta, support: Batch) -> Params:
-        result, rest = self._run(stop_gradient(dict(meta)), support, True, "none")
-        return stop_gradient({**rest, **result.params})
+        meta = stop_gradient(dict(meta))
+        fast, rest = self._split(meta["params"])
+
+        def inner(p, batch):
+            return self.data_loss({**rest, **p}, batch)
+
+        return {**rest, **descend(inner, fast, self._opts(meta), support, self.steps)}

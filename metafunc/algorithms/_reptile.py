@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optree
 
-from .._inner import inner_loop, stop_gradient
+from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation
 from ._base import (
@@ -12,6 +12,7 @@ from ._base import (
     LossFn,
     MetaLearner,
     _check_positive_int,
+    descend,
     inner_optimizer,
     params_only,
 )
@@ -50,11 +51,7 @@ class Reptile(MetaLearner):
         _, self.inner_opt = inner_optimizer("Reptile(model, ...)", inner_lr, inner_opt)
 
     def adapt(self, meta, support: Batch) -> Params:
-        params = stop_gradient(dict(meta["params"]))
-        result = inner_loop(
-            self.data_loss, params, self.inner_opt, support, steps=self.steps, record="none"
-        )
-        return stop_gradient(result.params)
+        return descend(self.data_loss, meta["params"], self.inner_opt, support, self.steps)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
         self._check_meta_batch("meta_grad", meta, support, query)

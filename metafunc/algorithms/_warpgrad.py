@@ -10,6 +10,7 @@ import optree
 import torch
 from torch.func import grad, grad_and_value
 
+from .. import optim
 from .._inner import stop_gradient
 from .._typing import Params
 from .._vmap import stack_tasks
@@ -20,6 +21,7 @@ from ._base import (
     _check_param_names,
     _check_positive,
     _check_positive_int,
+    descend,
     params_only,
 )
 from ._leap import path_gradient
@@ -104,7 +106,13 @@ class WarpGrad(MetaLearner):
     def adapt(self, meta: Any, support: Batch) -> Params:
         params = stop_gradient(dict(meta["params"]))
         warp = {k: params[k] for k in self.warp}
-        return {**warp, **self._trajectory(meta, support)[-1]}
+        theta = {k: params[k] for k in self.task}
+
+        def inner(theta, batch):
+            return self._task_loss(theta, warp, batch)
+
+        sgd = optim.sgd(lr=self.inner_lr)
+        return {**warp, **descend(inner, theta, sgd, support, self.steps)}
 
     # --------------------------------------------------------------------------- meta-gradient
     def _collect(self, meta: Any, support: Batch, query: Batch):
