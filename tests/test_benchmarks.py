@@ -30,6 +30,7 @@ def run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
 def test_every_script_is_listed():
     assert {
         "compile.py",
+        "conv_cpu.py",
         "distributed.py",
         "imaml.py",
         "maml.py",
