@@ -41,9 +41,10 @@ def _problem(device, n: int = 3, seed: int = 0):
 
 @pytest.mark.parametrize("mapped", [False, True])
 def test_imaml_backward_evaluates_loss_fn_once(mapped, device):
-    """Forward: one call per inner step and one at phi* (result.grad_norm). Backward: one, for
-    the Hessian-vector products; the meta-gradient in theta is lam u (u the CG solution) with no
-    further evaluation of the optimality function. Under vmap the Python calls are per batch."""
+    """Forward: one call per inner step; result.grad_norm, one more at phi*, only when read.
+    Backward: one, for the Hessian-vector products; the meta-gradient in theta is lam u (u the
+    CG solution) with no further evaluation of the optimality function. Under vmap the Python
+    calls are per batch."""
     A, b, c, theta0 = _problem(device)
     calls = {"n": 0}
 
@@ -63,10 +64,9 @@ def test_imaml_backward_evaluates_loss_fn_once(mapped, device):
         loss = loss.sum()
     else:
         loss = meta_loss(theta, b, c)
-    assert calls["n"] == 4 + 1
-    calls["n"] = 0
+    assert calls["n"] == 4
     loss.backward()
-    assert calls["n"] == 1
+    assert calls["n"] == 4 + 1
 
 
 class _CountOps(TorchFunctionMode):
@@ -156,3 +156,36 @@ def test_imaml_meta_gradient_in_params_lam_and_the_batch_matches_the_closed_form
     assert g_lam.shape == (1,)
     torch.testing.assert_close(g_lam, ((theta0 - phi) @ u).reshape(1), rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(g_b, u, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_imaml_grad_norm_is_evaluated_when_read_and_equals_the_regularised_gradient(mapped, device):
+    """result.grad_norm costs one more gradient of loss_fn, so it is evaluated on first read
+    (once: a second read reuses it), inside the caller's vmap; its value is ||grad L(phi*) +
+    lam (phi* - theta)||, here from the closed form A phi* - b + lam (phi* - theta)."""
+    A, b, _, theta = _problem(device)
+    calls = {"n": 0}
+
+    def counting(p, batch):
+        calls["n"] += 1
+        return quadratic(p, batch)
+
+    def solve(theta, b):
+        kwargs = {"lam": 2.0, "steps": 3, "if_not_converged": "ignore"}
+        r = imaml(counting, {"w": theta}, mo.sgd(lr=0.2), (A, b), **kwargs)
+        before = calls["n"]
+        first, second = r.grad_norm, r.grad_norm
+        assert calls["n"] == before + 1 and first is second
+        phi, losses, norm = r  # unpacks as the NamedTuple it was
+        assert norm is first and losses.shape == (3,)
+        return phi["w"], norm
+
+    if mapped:
+        bs = torch.stack([b, -b])
+        phi, norm = metafunc.vmap_tasks(solve, in_dims=(None, 0), strategy="vmap")(theta, bs)
+        expected = torch.linalg.vector_norm(phi @ A - bs + 2.0 * (phi - theta), dim=-1)
+    else:
+        phi, norm = solve(theta, b)
+        expected = torch.linalg.vector_norm(A @ phi - b + 2.0 * (phi - theta))
+    torch.testing.assert_close(norm, expected, rtol=1e-12, atol=1e-14)
+    assert not norm.requires_grad

@@ -330,12 +330,20 @@ class MetaLearner:
             )
 
     def metrics(self, params: Params, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.loss_and_metrics(params, batch)[1]
+
+    def loss_and_metrics(
+        self, params: Params, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss on ``batch`` (differentiable) and its metrics, from one forward pass (a task
+        loss that also reports metrics would otherwise run the query forward twice)."""
         x, y = batch
         out = self.model(params, x)
-        result = {"loss": self._loss(out, y).detach()}
+        loss = self._loss(out, y)
+        result = {"loss": loss.detach()}
         if self.classification:
             result["accuracy"] = (out.argmax(-1) == y).to(out.dtype).mean().detach()
-        return result
+        return loss, result
 
     def _map(
         self, key: str, fn: Callable[..., Any], in_dims: tuple[int | None, ...] = (None, 0, 0)

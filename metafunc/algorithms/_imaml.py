@@ -67,9 +67,9 @@ class IMAML(MetaLearner):
 
     def task_loss(self, meta, support: Batch, query: Batch):
         result = self._solve(meta["params"], support)
-        metrics = self.metrics(result.params, query)
+        loss, metrics = self.loss_and_metrics(result.params, query)
         metrics["inner_grad_norm"] = result.grad_norm
-        return self.data_loss(result.params, query), metrics
+        return loss, metrics
 
     def adapt(self, meta, support: Batch) -> Params:
         return {k: v.detach() for k, v in self._solve(meta["params"], support).params.items()}

@@ -207,10 +207,8 @@ class MAML(MetaLearner):
         record = "all" if self._step_weights is not None else "endpoints"
         result, rest = self._run(meta, support, self.first_order, record)
         final = {**rest, **result.params}
-        metrics = self.metrics(final, query)
-        if self._step_weights is None:
-            loss = self.data_loss(final, query)
-        else:
+        loss, metrics = self.loss_and_metrics(final, query)
+        if self._step_weights is not None:
             tape = result.tape
             step_losses = torch.stack(
                 [self.data_loss({**rest, **tape[t]}, query) for t in range(1, self.steps + 1)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import optree
 import torch
@@ -20,8 +20,8 @@ from ._root import _check_common, _norm, _Root
 __all__ = ["IMAMLResult", "imaml"]
 
 
-class IMAMLResult(NamedTuple):
-    """What :func:`imaml` returns.
+class IMAMLResult:
+    """What :func:`imaml` returns; unpacks as ``params, losses, grad_norm``.
 
     Attributes:
         params: the adapted params ``phi*``, differentiable in the initial params (and ``lam`` if
@@ -30,11 +30,41 @@ class IMAMLResult(NamedTuple):
             to evaluate) before each inner step, shape ``(steps,)``.
         grad_norm: the norm of the regularised loss's gradient at ``phi*`` (0 at an exact
             minimiser): how well the inner problem was solved, which the implicit gradient assumes.
+            It costs one more gradient of ``loss_fn``, so it is evaluated on first access (then
+            kept), in the function that called :func:`imaml` (under its ``vmap``, if any): code
+            that never reads it does not pay for it. The backward pass checks convergence
+            (``if_not_converged``) on its own, without it.
     """
 
-    params: Params
-    losses: torch.Tensor
-    grad_norm: torch.Tensor
+    __slots__ = ("_grad_norm", "losses", "params")
+    _fields = ("params", "losses", "grad_norm")
+
+    def __init__(
+        self,
+        params: Params,
+        losses: torch.Tensor,
+        grad_norm: torch.Tensor | Callable[[], torch.Tensor],
+    ):
+        self.params, self.losses, self._grad_norm = params, losses, grad_norm
+
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        if not isinstance(self._grad_norm, torch.Tensor):
+            self._grad_norm = self._grad_norm()
+        return self._grad_norm
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.params, self.losses, self.grad_norm))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Any:
+        return tuple(self)[index]
+
+    def __repr__(self) -> str:
+        norm = self._grad_norm if isinstance(self._grad_norm, torch.Tensor) else "<not evaluated>"
+        return f"IMAMLResult(params={self.params!r}, losses={self.losses!r}, grad_norm={norm})"
 
 
 def _sub(a: Params, b: Params) -> Params:
@@ -176,9 +206,7 @@ def imaml(
             losses.append(value)
             updates, state = opt.update(g, state, phi)
             phi = apply_updates(phi, updates)
-        g = optimality(phi, theta, batch, lam)
-        norm = torch.stack([(x * x).sum() for x in optree.tree_leaves(g)]).sum().sqrt()
-        return stop_gradient(phi), (torch.stack(losses).detach(), norm.detach(), start)
+        return stop_gradient(phi), (torch.stack(losses).detach(), start)
 
     root = _Root(
         "imaml(...)",
@@ -191,11 +219,17 @@ def imaml(
         tol=tol,
         atol=atol,
         check=False,
-        start_norm=lambda aux: aux[2],
+        start_norm=lambda aux: aux[1],
         residual=("grad loss_fn(phi) + lam (phi - params)", "grad loss_fn(params)"),
         advice="Raise steps= or the inner learning rate, so that the inner problem is solved",
         args_vjp=optimality_vjp,
         linearize=linearize,
     )
-    phi, (losses, grad_norm, _) = root(stop_gradient(params), params, batch, lam)
+    phi, (losses, _) = root(stop_gradient(params), params, batch, lam)
+
+    def grad_norm() -> torch.Tensor:
+        # one gradient of loss_fn at phi*, without a graph (everything detached)
+        g = optimality(stop_gradient(phi), stop_gradient(params), batch, stop_gradient(lam))
+        return torch.stack([(x * x).sum() for x in optree.tree_leaves(g)]).sum().sqrt().detach()
+
     return IMAMLResult(phi, losses, grad_norm)
