@@ -36,3 +36,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> str:
     """Every test that takes ``device`` runs on the CPU, and on CUDA when one is present."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: a second thread only adds wake-up
+    latency (up to 20 ms per norm backward on a busy 2-core machine, 100x the work). Request it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

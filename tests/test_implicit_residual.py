@@ -31,7 +31,7 @@ from metafunc.implicit import (
 )
 
 D = torch.float64
-DX_DA = -0.5924469933  # at the real root of a x^3 - x - 2, a = 1 (tests/test_implicit.py)
+DX_DA = -0.5924469933  # at the real root of a x^3 - x - 2, a = 1 (tests/test_implicit_root.py)
 
 
 # ========================================================================== custom_root
