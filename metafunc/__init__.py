@@ -7,10 +7,12 @@ are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in ev
 
 from . import algorithms, data, implicit, optim
 from ._functional import FunctionalModel, functionalize
-from ._inner import InnerLoopResult, inner_loop, stop_gradient
+from ._inner import InnerLoopResult, inner_loop
 from ._norms import exact_norms
 from ._tape import Tape
-from ._vmap import stack_tasks, unstack_tasks, vmap_tasks
+from ._tasks import stack_tasks, unstack_tasks
+from ._tree_math import stop_gradient
+from ._vmap import vmap_tasks
 from .optim._base import apply_updates
 
 __version__ = "0.1.0"

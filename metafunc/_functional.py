@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import _norms, _purity
-from ._tree import close_matches
+from . import _checks, _norms, _purity
 from ._typing import Buffers, Params
 
 __all__ = ["FunctionalModel", "functionalize"]
@@ -100,7 +99,6 @@ class FunctionalModel:
             if _owner(self._skeleton, alias) != _owner(self._skeleton, name)
         ]
 
-    # ----------------------------------------------------------------------------------------
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.params.values())
         return (
@@ -110,37 +108,18 @@ class FunctionalModel:
         )
 
     def _check_params(self, call: str, params: Any) -> None:
-        if not isinstance(params, Mapping):
-            hint = ""
-            if isinstance(params, (list, tuple)) or hasattr(params, "__next__"):
-                hint = (
-                    " Did you pass model.parameters()? Use fm.params, or "
-                    "dict(model.named_parameters())."
-                )
-            raise TypeError(
-                f"{call}: expected params to be a dict of tensors keyed by parameter name (as in "
-                f"fm.params), got {type(params).__name__}.{hint}"
-            )
-        if params.keys() != self.params.keys():
-            missing = [k for k in self.params if k not in params]
-            unknown = [k for k in params if k not in self.params and k not in self.frozen]
-            if missing or unknown:
-                parts = []
-                if missing:
-                    parts.append(f"missing key(s) {missing}")
-                for k in unknown:
-                    if k in self.tied:
-                        parts.append(
-                            f"key {k!r} is tied to {self.tied[k]!r}: pass {self.tied[k]!r} only"
-                        )
-                    else:
-                        parts.append(
-                            f"unknown key {k!r}{close_matches(k, [*self.params, *self.frozen])}"
-                        )
-                raise ValueError(
-                    f"{call}: params do not match the model: {'; '.join(parts)}. Expected the "
-                    f"keys of fm.params: {sorted(self.params)}."
-                )
+        _checks.tensor_dict(
+            call, "params", params, source="keyed by parameter name (as in fm.params)", kind=Mapping
+        )
+        _checks.keys_match(
+            call,
+            "params",
+            params,
+            self.params,
+            optional=self.frozen,
+            tied=self.tied,
+            source="fm.params",
+        )
         self._check_values(call, "params", params)
 
     def _check_values(self, call: str, what: str, tensors: Mapping[str, Any]) -> None:
@@ -157,20 +136,10 @@ class FunctionalModel:
                 )
 
     def _check_buffers(self, call: str, buffers: Any) -> None:
-        if not isinstance(buffers, Mapping):
-            raise TypeError(
-                f"{call}: expected buffers to be a dict of tensors keyed by buffer name (as in "
-                f"fm.buffers), got {type(buffers).__name__}."
-            )
-        if buffers.keys() != self.buffers.keys():
-            missing = [k for k in self.buffers if k not in buffers]
-            unknown = [k for k in buffers if k not in self.buffers]
-            parts = [f"missing key(s) {missing}"] if missing else []
-            parts += [f"unknown key {k!r}{close_matches(k, self.buffers)}" for k in unknown]
-            raise ValueError(
-                f"{call}: buffers do not match the model: {'; '.join(parts)}. Expected the keys "
-                f"of fm.buffers: {sorted(self.buffers)}."
-            )
+        _checks.tensor_dict(
+            call, "buffers", buffers, source="keyed by buffer name (as in fm.buffers)", kind=Mapping
+        )
+        _checks.keys_match(call, "buffers", buffers, self.buffers, source="fm.buffers")
         self._check_values(call, "buffers", buffers)
 
     def _check_inputs(self, call: str, params: Mapping[str, Any], inputs: list[Any]) -> None:
@@ -201,7 +170,6 @@ class FunctionalModel:
                     "functionalize)."
                 )
 
-    # ----------------------------------------------------------------------------------------
     def apply(
         self, params: Params, buffers: Buffers, /, *args: Any, **kwargs: Any
     ) -> tuple[Any, Buffers]:
@@ -320,14 +288,10 @@ class FunctionalModel:
             f"layer that receives an input directly."
         )
 
-    # ----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FunctionalModel:
         """A new FunctionalModel (sharing params and buffers) whose every submodule is in
         training mode ``mode``; this one is unchanged."""
-        if not isinstance(mode, bool):
-            raise TypeError(
-                f"FunctionalModel.train(mode): expected a bool, got {type(mode).__name__}."
-            )
+        _checks.boolean("FunctionalModel.train(mode)", None, mode)
         new = copy.copy(self)
         new._skeleton = copy.deepcopy(self._skeleton).train(mode)
         new.training = mode

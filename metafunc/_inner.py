@@ -10,31 +10,15 @@ import optree
 import torch
 from torch.func import grad_and_value
 
-from . import _norms, _tree
-from ._checkpoint import checkpointed as _checkpointed
+from . import _checks, _norms, _tree
+from ._remat import checkpointed as _checkpointed
 from ._tape import Tape, keep_steps
-from ._typing import OptState, Params, PyTree
+from ._tree_math import detach, grad_or_zeros, stop_gradient
+from ._typing import OptState, Params
+from ._unused import Unused, check_allow_unused
 from .optim._base import GradientTransformation, apply_updates
 
 __all__ = ["InnerLoopResult", "inner_loop", "stop_gradient"]
-
-
-def stop_gradient(tree: PyTree) -> PyTree:
-    """Detaches every tensor of a pytree: no meta-gradient flows back through the result.
-
-    Example:
-        >>> import torch, metafunc
-        >>> w = torch.ones(2, requires_grad=True)
-        >>> metafunc.stop_gradient({"w": w})["w"].requires_grad
-        False
-    """
-    if hasattr(tree, "__next__"):  # a generator would come back as it is, undetached
-        raise TypeError(
-            "stop_gradient(tree): expected a pytree (e.g. a dict of tensors), got a "
-            f"{type(tree).__name__}. For a module's parameters use "
-            "stop_gradient(dict(model.named_parameters())) or fm.params."
-        )
-    return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 
 class InnerLoopResult(NamedTuple):
@@ -60,19 +44,32 @@ _CALL = "inner_loop(loss_fn, params, opt, batches, ...)"
 
 def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint):
     call = _CALL
-    if not callable(loss_fn):
-        raise TypeError(f"{call}: expected loss_fn to be callable, got {type(loss_fn).__name__}.")
-    if not isinstance(params, dict):
-        hint = (
-            " Did you pass model.parameters()? Use fm.params or dict(model.named_parameters())."
-            if not isinstance(params, (str, bytes)) and hasattr(params, "__iter__")
-            else ""
-        )
-        raise TypeError(
-            f"{call}: expected params to be a dict of tensors (as returned by "
-            f"metafunc.functionalize(...).params), got {type(params).__name__}.{hint}"
-        )
+    _checks.is_callable(call, "loss_fn", loss_fn)
+    _checks.tensor_dict(
+        call, "params", params, source="(as returned by metafunc.functionalize(...).params)"
+    )
     _tree.check_floating(call, params)
+    opts = _optimizers(call, opt)
+    _checks.positive_int(call, "steps", steps, or_none=True)
+    _check_batches(call, batches, steps)
+    _checks.boolean(call, "first_order", first_order)
+    if truncate is not None:
+        _checks.nonnegative_int(call, "truncate", truncate)
+    if first_order and truncate is not None:
+        raise ValueError(
+            f"{call}: first_order=True already differentiates no step; truncate={truncate} "
+            f"contradicts it. Use one of them (truncate=0 is first_order=True)."
+        )
+    if checkpoint not in (None, "sqrt") and not _checks.is_count(checkpoint):
+        raise ValueError(
+            f"{call}: expected checkpoint to be None, 'sqrt' or a positive segment length, got "
+            f"{checkpoint!r}."
+        )
+    return opts
+
+
+def _optimizers(call: str, opt: Any) -> list[GradientTransformation]:
+    """``opt`` as a list: one optimizer, or one per step."""
     if isinstance(opt, GradientTransformation):  # a NamedTuple: test it before sequences
         opts = [opt]
     else:
@@ -82,8 +79,11 @@ def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, che
             f"{call}: expected opt to be a metafunc.optim optimizer (e.g. metafunc.optim.sgd("
             f"lr=0.1)) or a sequence of them, one per step; got {type(opt).__name__}."
         )
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"{call}: expected steps to be a positive int or None, got {steps!r}.")
+    return opts
+
+
+def _check_batches(call: str, batches: Any, steps: int | None) -> None:
+    """Catches the batch layouts that would run, but not as meant."""
     if steps is None and (batches is None or isinstance(batches, (torch.Tensor, dict))):
         raise TypeError(
             f"{call}: expected batches to be an iterable of batches, or one batch with steps=N "
@@ -111,100 +111,6 @@ def _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, che
             f"list of {len(batches)} {type(batches[0]).__name__}s (one batch per step?). Drop "
             "steps to take one batch per step, or pass a single (x, y) batch."
         )
-    if len(opts) > 1:
-        n = steps if steps is not None else (len(batches) if hasattr(batches, "__len__") else None)
-        if n is not None and n != len(opts):
-            raise ValueError(
-                f"{call}: got {len(opts)} per-step optimizers for {n} steps; pass one per step."
-            )
-    if not isinstance(first_order, bool):
-        raise TypeError(f"{call}: expected first_order to be a bool, got {first_order!r}.")
-    if truncate is not None and (
-        not isinstance(truncate, int) or isinstance(truncate, bool) or truncate < 0
-    ):
-        raise ValueError(f"{call}: expected truncate to be a non-negative int, got {truncate!r}.")
-    if first_order and truncate is not None:
-        raise ValueError(
-            f"{call}: first_order=True already differentiates no step; truncate={truncate} "
-            f"contradicts it. Use one of them (truncate=0 is first_order=True)."
-        )
-    if (
-        checkpoint is not None
-        and checkpoint != "sqrt"
-        and (not isinstance(checkpoint, int) or isinstance(checkpoint, bool) or checkpoint < 1)
-    ):
-        raise ValueError(
-            f"{call}: expected checkpoint to be None, 'sqrt' or a positive segment length, got "
-            f"{checkpoint!r}."
-        )
-    return opts
-
-
-class _Unused:
-    """The leaves of ``params`` that no inner step has yet differentiated; the check behind
-    ``inner_loop(allow_unused=...)``.
-
-    A leaf the inner loss has no gradient path to is left unchanged by the loop: an identity
-    adaptation that hides a ``.detach()``, ``.item()`` or ``no_grad`` in ``loss_fn``. Where the
-    gradient is taken by ``torch.autograd.grad`` (checkpointed segments) such a leaf's gradient is
-    ``None``; ``torch.func.grad`` turns that ``None`` into zeros, so there a hook on each watched
-    leaf records that the backward pass reached it. Leaves are watched only until some step
-    reaches them (usually all at the first step), so later steps cost nothing.
-    """
-
-    def __init__(self, params: Params, allow_unused: bool | Collection[str]) -> None:
-        paths, _, _ = optree.tree_flatten_with_path(params)  # type: ignore[arg-type]
-        allowed = set(params) if allow_unused is True else set(allow_unused or ())
-        self.paths = paths
-        self.pending = {i for i, path in enumerate(paths) if path[0] not in allowed}
-
-    def watch(self, leaves: list[torch.Tensor]) -> None:
-        """Hooks the leaves being differentiated (inside ``torch.func.grad``)."""
-        for i in list(self.pending):
-            if leaves[i].requires_grad:
-                leaves[i].register_hook(lambda g, i=i: self.pending.discard(i))
-
-    def reached(self, grads: Sequence[torch.Tensor | None]) -> None:
-        """Notes the leaves with a gradient (``torch.autograd.grad(..., allow_unused=True)``)."""
-        self.pending.difference_update(i for i, g in enumerate(grads) if g is not None)
-
-    def check(self, steps: int) -> None:
-        if not self.pending:
-            return
-        names = [
-            path[0] if len(path) == 1 else _tree.format_path(path)
-            for i, path in enumerate(self.paths)
-            if i in self.pending
-        ]
-        keys = sorted({path[0] for i, path in enumerate(self.paths) if i in self.pending})
-        when = "its one step" if steps == 1 else f"any of its {steps} steps"
-        raise ValueError(
-            f"{_CALL}: loss_fn has no gradient path to params {names} at {when}, so the "
-            f"inner loop leaves them unchanged (an identity adaptation). Look for "
-            f".detach(), .item(), .data or torch.no_grad() on them in loss_fn. If they are "
-            f"unused on purpose (e.g. a head that is only meta-learned), pass "
-            f"allow_unused={keys!r} (or allow_unused=True), or leave them out of params."
-        )
-
-
-def _check_allow_unused(params: Params, allow_unused: Any) -> None:
-    if isinstance(allow_unused, bool):
-        return
-    if (
-        isinstance(allow_unused, (str, bytes))
-        or not isinstance(allow_unused, Collection)
-        or not all(isinstance(k, str) for k in allow_unused)
-    ):
-        raise TypeError(
-            f"{_CALL}: expected allow_unused to be a bool or a collection of param keys (e.g. "
-            f"allow_unused=['head.weight']), got {allow_unused!r}."
-        )
-    for k in allow_unused:
-        if k not in params:
-            raise ValueError(
-                f"{_CALL}: allow_unused names {k!r}, not a key of params"
-                f"{_tree.close_matches(k, params)}. Keys: {sorted(params)}."
-            )
 
 
 def _split(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
@@ -239,25 +145,22 @@ def _functional_grads(loss_fn, params, batch, has_aux, unused=None):
 
 def _autograd_grads(loss_fn, params, batch, has_aux, unused=None):
     """Gradients by torch.autograd.grad, for checkpointed segments: with a graph when grad mode is
-    on (the recomputation in the backward pass), values only under no_grad (the forward pass)."""
+    on (the recomputation in the backward pass), values only under no_grad (the forward pass). A
+    loss of no param gives zeros, and :class:`Unused` names the params, if not allowed."""
     create_graph = torch.is_grad_enabled()
-    leaves, spec = optree.tree_flatten(params)
-    used = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
-    with torch.enable_grad():
-        loss, aux = _split(loss_fn(optree.tree_unflatten(spec, used), batch), has_aux)
+
+    def fn(p):
+        loss, aux = _split(loss_fn(p, batch), has_aux)
         _check_scalar(loss)
-        raw: Sequence[torch.Tensor | None] = (
-            torch.autograd.grad(loss, used, create_graph=create_graph, allow_unused=True)
-            if loss.requires_grad
-            else (None,) * len(used)  # a loss of no param: named by _Unused, if not allowed
-        )
-    if unused is not None:
-        unused.reached(raw)
+        return loss, aux
+
+    reached = None if unused is None else unused.reached
+    grads, (loss, aux) = grad_or_zeros(
+        fn, params, has_aux=True, create_graph=create_graph, on_grads=reached
+    )
     if not create_graph:
-        raw = tuple(None if g is None else g.detach() for g in raw)
-        loss, aux = stop_gradient((loss, aux))
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(used, raw)]
-    return optree.tree_unflatten(spec, grads), loss, aux
+        loss, aux = detach((loss, aux))
+    return grads, loss, aux
 
 
 def _check_scalar(loss):
@@ -276,9 +179,9 @@ def _step(opt, loss_fn, params, state, batch, has_aux, exact, unused, grads_fn=_
         grads, loss, aux = grads_fn(loss_fn, params, batch, has_aux, unused)
         updates, state = opt.update(grads, state, params)
     else:
-        constant = stop_gradient(params)
+        constant = detach(params)
         grads, loss, aux = _functional_grads(loss_fn, constant, batch, has_aux, unused)
-        grads, loss, aux = stop_gradient((grads, loss, aux))
+        grads, loss, aux = detach((grads, loss, aux))
         updates, state = opt.update(grads, state, constant)
     return apply_updates(params, updates), state, loss, aux
 
@@ -334,7 +237,7 @@ def inner_loop(
             ``k`` (every k-th step and the last). A recorded weight is mostly a tensor the
             backward pass keeps anyway (the matmul that uses it saves it); what it does not keep
             (biases, first-order steps) costs its size per recorded step: ``"all"`` over
-            ``"endpoints"`` added about 13 % to the peak memory of a T=200 unroll.
+            ``"endpoints"`` adds those tensors to the peak memory of a long unroll.
         record_state: also record the optimizer state at the recorded steps.
         opt_state: the optimizer state to start from (default ``opt.init(params)``).
         allow_unused: params that ``loss_fn`` may have no gradient path to: ``True`` (all) or a
@@ -361,11 +264,11 @@ def inner_loop(
         tensor([0.2500])
     """
     opts = _check_args(loss_fn, params, opt, batches, steps, first_order, truncate, checkpoint)
-    _check_allow_unused(params, allow_unused)
+    check_allow_unused(params, allow_unused)
     unused = (
         None
         if allow_unused is True or torch.compiler.is_compiling()
-        else _Unused(params, allow_unused)
+        else Unused(params, allow_unused)
     )
     batch_list = list(itertools.repeat(batches, steps)) if steps is not None else list(batches)
     n = len(batch_list)
@@ -375,8 +278,7 @@ def inner_loop(
         opts = opts * n
     elif len(opts) != n:
         raise ValueError(
-            f"inner_loop(...): got {len(opts)} per-step optimizers for {n} steps; pass one per "
-            f"step."
+            f"{_CALL}: got {len(opts)} per-step optimizers for {n} steps; pass one per step."
         )
     keep = keep_steps(record, n)
     n_exact = 0 if first_order else (n if truncate is None else min(truncate, n))

@@ -1,8 +1,8 @@
 """Exact BatchNorm, InstanceNorm and LayerNorm under ``torch.func.vmap``.
 
 On torch 2.13 the *second-order* derivative of ``F.batch_norm`` (training mode),
-``F.instance_norm`` and ``F.layer_norm`` with affine parameters is wrong under ``vmap`` (1-90 %
-relative error in the MAML meta-gradient of the weights feeding the norm; upstream
+``F.instance_norm`` and ``F.layer_norm`` with affine parameters is wrong under ``vmap`` (far
+beyond round-off, in the MAML meta-gradient of the weights feeding the norm; upstream
 pytorch/functorch#534), while a per-task loop is exact. While a :class:`FunctionalModel` with norm
 layers runs under ``vmap`` (or inside :func:`exact_norms`), these functions are replaced by
 compositions of elementary ops, whose batching rules are correct to float64 round-off. Everything

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import is_count
 from ._typing import OptState, Params
 
 __all__ = ["Tape"]
@@ -77,7 +78,7 @@ def keep_steps(record: str | int, num_steps: int | None) -> Callable[[int, bool]
         return lambda t, last: t == 0 or last
     if record == "none":
         return lambda t, last: False
-    if isinstance(record, int) and not isinstance(record, bool) and record >= 1:
+    if is_count(record):
         return lambda t, last: t % record == 0 or last
     raise ValueError(
         f"inner_loop(record=...): expected 'all', 'endpoints', 'none' or a positive int k (every "

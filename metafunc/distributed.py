@@ -6,7 +6,7 @@ process, and :func:`all_reduce_mean` combines the shares weighted by their task 
 ``sum_r n_r g_r / sum_r n_r`` is the mean over the whole meta-batch whatever the split, so
 uneven shares are exact too. The reduction is one ``all_reduce`` (SUM) of the flattened
 gradients, over gloo on CPU or nccl on GPU; the summation order differs from one process's,
-so results agree to floating-point round-off (about 1e-16 relative in float64), not bitwise.
+so results agree to floating-point round-off, not bitwise.
 :func:`meta_grad` does all of this for a :class:`~metafunc.algorithms.MetaLearner`, and
 :func:`evaluate` shares held-out tasks out the same way (per-task metrics gathered in task
 order). A meta-batch needs at least one task per process.

@@ -1,7 +1,7 @@
 """Checkpoint files (``checkpoint.pt``): what they hold, saving, loading with ``weights_only``,
 the checks that a resume continues the same run on the same data, and restoring the run's state.
 
-Not to be confused with :mod:`metafunc._checkpoint`, which is gradient rematerialisation.
+Not to be confused with :mod:`metafunc._remat`, which is gradient rematerialisation.
 """
 
 from __future__ import annotations

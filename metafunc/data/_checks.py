@@ -1,4 +1,5 @@
-"""Argument checks shared by :mod:`metafunc.data`: one clear error per bad input."""
+"""Argument checks of :mod:`metafunc.data` that no other part of the package needs (the general
+ones, such as :func:`metafunc._checks.int_at_least`, live in :mod:`metafunc._checks`)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,13 @@ from typing import Any
 
 import torch
 
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"{value!r} ({type(value).__name__})"
-
-
-def check_int(call: str, name: str, value: Any, *, minimum: int) -> int:
-    """``value`` as an ``int`` of at least ``minimum``; bools and floats are refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{call}: expected {name} to be an int >= {minimum}, got {_describe(value)}. "
-            f"Pass a Python int, e.g. {name}={max(minimum, 1)}."
-        )
-    if value < minimum:
-        raise ValueError(
-            f"{call}: expected {name} to be an int >= {minimum}, got {value}. "
-            f"Pass {name}={max(minimum, 1)} or more."
-        )
-    return value
+from .._checks import describe
 
 
 def check_generator(call: str, generator: Any) -> torch.Generator:
     if not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"{call}: expected generator to be a torch.Generator, got {_describe(generator)}. "
+            f"{call}: expected generator to be a torch.Generator, got {describe(generator)}. "
             "Pass generator=torch.Generator().manual_seed(0) (the same seed gives the same draws)."
         )
     return generator
@@ -48,7 +30,7 @@ def check_range(call: str, name: str, value: Any) -> tuple[float, float]:
     )
     if not ok:
         raise TypeError(
-            f"{call}: expected {name} to be a (low, high) pair of numbers, got {_describe(value)}. "
+            f"{call}: expected {name} to be a (low, high) pair of numbers, got {describe(value)}. "
             f"Pass e.g. {name}=(0.0, 1.0)."
         )
     low, high = float(value[0]), float(value[1])
@@ -72,7 +54,7 @@ def check_labels(call: str, classes: Any, expected: str) -> list[int]:
         or not isinstance(classes, Sequence)
         or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
     ):
-        raise TypeError(f"{call}: expected classes to be {expected}, got {_describe(classes)}.")
+        raise TypeError(f"{call}: expected classes to be {expected}, got {describe(classes)}.")
     out = list(classes)
     if len(set(out)) != len(out):
         raise ValueError(

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import _describe, check_int
+from .._checks import describe, int_at_least, number_at_least
 from ._labelled import LabelledImages
 
 __all__ = ["procedural_glyphs"]
@@ -104,19 +104,14 @@ def procedural_glyphs(
         >>> bool(data.images.min() >= 0) and bool(data.images.max() <= 1)
         True
     """
-    check_int(_CALL, "num_classes", num_classes, minimum=1)
-    check_int(_CALL, "examples_per_class", examples_per_class, minimum=1)
-    check_int(_CALL, "image_size", image_size, minimum=1)
+    int_at_least(_CALL, "num_classes", num_classes, minimum=1)
+    int_at_least(_CALL, "examples_per_class", examples_per_class, minimum=1)
+    int_at_least(_CALL, "image_size", image_size, minimum=1)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{_CALL}: expected seed to be an int, got {_describe(seed)}.")
-    for name, value in (("jitter", jitter), ("noise", noise)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{_CALL}: expected {name} to be a number, got {_describe(value)}.")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{_CALL}: expected {name} to be a finite number >= 0, got {value!r}. Pass 0 for "
-                f"none, 1.0 for the default strength."
-            )
+        raise TypeError(f"{_CALL}: expected seed to be an int, got {describe(seed)}.")
+    fix = "Pass 0 for none, 1.0 for the default strength."
+    number_at_least(_CALL, "jitter", jitter, minimum=0.0, fix=fix)
+    number_at_least(_CALL, "noise", noise, minimum=0.0, fix=fix)
     g = torch.Generator().manual_seed(seed)
     glyphs, used = _strokes(num_classes, g)  # drawn first: independent of examples and jitter
     n = num_classes * examples_per_class

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import _describe
+from .._checks import describe
 
 __all__ = ["LabelledImages"]
 
@@ -19,7 +19,7 @@ def _check_names(call: str, name: str, value: object, num_classes: int | None) -
         or not all(isinstance(v, str) for v in value)
     ):
         raise TypeError(
-            f"{call}: expected {name} to be a list of str, one per class, got {_describe(value)}."
+            f"{call}: expected {name} to be a list of str, one per class, got {describe(value)}."
         )
     if num_classes is not None and len(value) != num_classes:
         raise ValueError(
@@ -70,7 +70,7 @@ class LabelledImages:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise TypeError(
                 f"{call}: expected images to be a 4-d tensor (N, C, H, W), got "
-                f"{_describe(images)}. Add a channel dim with images.unsqueeze(1) for (N, H, W)."
+                f"{describe(images)}. Add a channel dim with images.unsqueeze(1) for (N, H, W)."
             )
         if not images.dtype.is_floating_point:
             raise TypeError(
@@ -85,7 +85,7 @@ class LabelledImages:
             or labels.dtype == torch.bool
         ):
             raise TypeError(
-                f"{call}: expected labels to be a 1-d integer tensor, got {_describe(labels)}."
+                f"{call}: expected labels to be a 1-d integer tensor, got {describe(labels)}."
             )
         if labels.shape[0] != images.shape[0]:
             raise ValueError(

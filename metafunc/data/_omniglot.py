@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._checks import _describe, check_int
+from .._checks import describe, int_at_least
 from ._labelled import LabelledImages
 
 __all__ = ["load_omniglot"]
@@ -144,7 +144,7 @@ def load_omniglot(
     """
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(
-            f"{_CALL}: expected path to be a str or os.PathLike, got {_describe(path)}. Pass the "
+            f"{_CALL}: expected path to be a str or os.PathLike, got {describe(path)}. Pass the "
             "folder of the unzipped Omniglot images, e.g. 'data/omniglot/images_background'."
         )
     if (
@@ -155,14 +155,14 @@ def load_omniglot(
     ):
         raise TypeError(
             f"{_CALL}: expected rotations to be a non-empty tuple of angles in degrees, got "
-            f"{_describe(rotations)}. Pass e.g. rotations=(0, 90, 180, 270) or (0,) for none."
+            f"{describe(rotations)}. Pass e.g. rotations=(0, 90, 180, 270) or (0,) for none."
         )
     if any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
         raise ValueError(
             f"{_CALL}: expected distinct rotations among 0, 90, 180 and 270 degrees, got "
             f"{tuple(rotations)!r}."
         )
-    check_int(_CALL, "image_size", image_size, minimum=1)
+    int_at_least(_CALL, "image_size", image_size, minimum=1)
     try:
         import PIL.Image  # noqa: F401
     except ImportError as e:

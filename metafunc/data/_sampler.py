@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import _describe, check_generator, check_int, check_labels
+from .._checks import describe, int_at_least
+from ._checks import check_generator, check_labels
 from ._episode import Episode
 from ._labelled import LabelledImages
 
@@ -64,7 +65,7 @@ class EpisodeSampler:
             if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise TypeError(
                     f"{_CALL}: expected labels (dataset[1]) to be a 1-d integer tensor, got "
-                    f"{_describe(labels)}."
+                    f"{describe(labels)}."
                 )
             if inputs.dim() < 1 or inputs.shape[0] != labels.shape[0]:
                 raise ValueError(
@@ -74,11 +75,11 @@ class EpisodeSampler:
         else:
             raise TypeError(
                 f"{_CALL}: expected dataset to be a LabelledImages or an (inputs, labels) pair "
-                f"of tensors, got {_describe(dataset)}."
+                f"of tensors, got {describe(dataset)}."
             )
-        self.ways = check_int(_CALL, "ways", ways, minimum=1)
-        self.shots = check_int(_CALL, "shots", shots, minimum=1)
-        self.queries = check_int(_CALL, "queries", queries, minimum=0)
+        self.ways = int_at_least(_CALL, "ways", ways, minimum=1)
+        self.shots = int_at_least(_CALL, "shots", shots, minimum=1)
+        self.queries = int_at_least(_CALL, "queries", queries, minimum=0)
         labels = labels.long().cpu()
         if classes is None:
             classes = labels.unique().tolist()
@@ -149,12 +150,12 @@ class EpisodeSampler:
             True
         """
         call = "EpisodeSampler.sample(num_tasks, generator=...)"
-        check_int(call, "num_tasks", num_tasks, minimum=1)
+        int_at_least(call, "num_tasks", num_tasks, minimum=1)
         check_generator(call, generator)
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(
                 f"{call}: expected device to be None, a str or a torch.device, got "
-                f"{_describe(device)}."
+                f"{describe(device)}."
             )
         ways, shots, need = self.ways, self.shots, self.shots + self.queries
         num_classes, width = self._table.shape

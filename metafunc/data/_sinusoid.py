@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ._checks import _describe, check_generator, check_int, check_range
+from .._checks import describe, int_at_least
+from ._checks import check_generator, check_range
 from ._episode import Episode
 
 __all__ = ["Sinusoid"]
@@ -78,18 +79,18 @@ class Sinusoid:
             (True, torch.Size([3, 20, 1]))
         """
         call = "Sinusoid.sample(num_tasks, shots, queries, generator=...)"
-        check_int(call, "num_tasks", num_tasks, minimum=1)
-        check_int(call, "shots", shots, minimum=1)
-        queries = shots if queries is None else check_int(call, "queries", queries, minimum=0)
+        int_at_least(call, "num_tasks", num_tasks, minimum=1)
+        int_at_least(call, "shots", shots, minimum=1)
+        queries = shots if queries is None else int_at_least(call, "queries", queries, minimum=0)
         check_generator(call, generator)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(
                 f"{call}: expected dtype to be a floating-point torch.dtype, got "
-                f"{_describe(dtype)}. Pass e.g. dtype=torch.float32."
+                f"{describe(dtype)}. Pass e.g. dtype=torch.float32."
             )
         if not isinstance(device, (str, torch.device)):
             raise TypeError(
-                f"{call}: expected device to be a str or torch.device, got {_describe(device)}. "
+                f"{call}: expected device to be a str or torch.device, got {describe(device)}. "
                 "Pass e.g. device='cpu'."
             )
 
@@ -130,7 +131,7 @@ class Sinusoid:
         call = "Sinusoid.evaluate(x, amplitude, phase)"
         if not isinstance(x, torch.Tensor):
             raise TypeError(
-                f"{call}: expected x to be a tensor, got {_describe(x)}. "
+                f"{call}: expected x to be a tensor, got {describe(x)}. "
                 "Pass e.g. torch.linspace(-5, 5, 100)."
             )
 
@@ -146,7 +147,7 @@ class Sinusoid:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return value
             raise TypeError(
-                f"{call}: expected {name} to be a number or a tensor, got {_describe(value)}."
+                f"{call}: expected {name} to be a number or a tensor, got {describe(value)}."
             )
 
         return expand("amplitude", amplitude) * torch.sin(x - expand("phase", phase))

@@ -7,7 +7,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ._checks import _describe, check_int, check_labels
+from .._checks import describe, int_at_least
+from ._checks import check_labels
 from ._labelled import LabelledImages
 
 __all__ = ["OMNIGLOT_SPLIT", "split_classes"]
@@ -22,7 +23,7 @@ _CALL = "split_classes(classes, sizes, seed=...)"
 
 def _class_list(classes: object) -> list[int]:
     if isinstance(classes, int) and not isinstance(classes, bool):
-        return list(range(check_int(_CALL, "classes", classes, minimum=1)))
+        return list(range(int_at_least(_CALL, "classes", classes, minimum=1)))
     out = check_labels(
         _CALL, classes, "a number of classes, a list of integer labels or a LabelledImages"
     )
@@ -37,7 +38,7 @@ def _counts(sizes: object, num_groups: int, unit: str) -> list[int]:
     if not isinstance(sizes, (tuple, list)) or len(sizes) != 3:
         raise TypeError(
             f"{_CALL}: expected sizes to be three numbers (train, val, test), got "
-            f"{_describe(sizes)}. Pass {example}."
+            f"{describe(sizes)}. Pass {example}."
         )
     is_int = [isinstance(s, int) and not isinstance(s, bool) for s in sizes]
     is_float = [isinstance(s, float) for s in sizes]
@@ -110,14 +111,14 @@ def split_classes(
     else:
         class_list = _class_list(classes)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{_CALL}: expected seed to be an int, got {_describe(seed)}.")
+        raise TypeError(f"{_CALL}: expected seed to be an int, got {describe(seed)}.")
     if groups is None:
         keys: list[Hashable] = list(range(len(class_list)))
     else:
         if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
             raise TypeError(
                 f"{_CALL}: expected groups to be a list with one group key per class, got "
-                f"{_describe(groups)}."
+                f"{describe(groups)}."
             )
         if len(groups) != len(class_list):
             raise ValueError(

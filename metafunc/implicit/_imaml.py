@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,11 +10,12 @@ import optree
 import torch
 from torch.func import grad_and_value
 
-from .._inner import stop_gradient
+from .. import _checks
+from .._tree_math import axpy, detach, norm, sub, vdot
 from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
 from ._linear import SolveInfo, plain, solve_cg
-from ._root import _check_common, _norm, _Root
+from ._root import _check_common, _Root
 
 __all__ = ["IMAMLResult", "imaml"]
 
@@ -67,16 +67,9 @@ class IMAMLResult:
         return f"IMAMLResult(params={self.params!r}, losses={self.losses!r}, grad_norm={norm})"
 
 
-def _sub(a: Params, b: Params) -> Params:
-    return {k: a[k] - b[k] for k in a}
-
-
 def _plus(a: Params, lam: float | torch.Tensor, b: Params) -> Params:
-    """``a + lam * b`` leaf by leaf, in one operation per leaf when ``lam`` is a number (the
-    operations, not their arithmetic, are the cost of small networks)."""
-    if isinstance(lam, torch.Tensor):
-        return {k: a[k] + lam * b[k] for k in a}
-    return {k: torch.add(a[k], b[k], alpha=lam) for k in a}
+    """``a + lam * b``: one fused operation per leaf when ``lam`` is a number."""
+    return axpy(lam, b, a)
 
 
 def imaml(
@@ -138,30 +131,10 @@ def imaml(
         tensor([0.2500], dtype=torch.float64)
     """
     call = "imaml(loss_fn, params, opt, batch, lam=..., steps=...)"
-    if not callable(loss_fn):
-        raise TypeError(f"{call}: expected loss_fn to be callable, got {type(loss_fn).__name__}.")
-    if not isinstance(params, dict) or not params:
-        raise TypeError(
-            f"{call}: expected params to be a non-empty dict of tensors (fm.params), got "
-            f"{type(params).__name__}."
-        )
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"{call}: expected steps to be a positive int, got {steps!r}.")
-    if isinstance(lam, torch.Tensor):
-        if lam.numel() != 1 or not lam.is_floating_point():
-            raise ValueError(
-                f"{call}: expected lam to be a positive number or 1-element floating tensor, "
-                f"got a {lam.dtype} tensor of shape {tuple(lam.shape)}."
-            )
-        if not bool(((plain(lam) > 0) & plain(lam).isfinite()).all()):
-            raise ValueError(
-                f"{call}: expected lam to be positive and finite (the proximal strength), got "
-                f"{plain(lam).tolist()}."
-            )
-    elif not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 < lam < math.inf:
-        raise ValueError(
-            f"{call}: expected lam to be positive and finite (the proximal strength), got {lam!r}."
-        )
+    _checks.is_callable(call, "loss_fn", loss_fn)
+    _checks.tensor_dict(call, "params", params, source="(fm.params)", non_empty=True)
+    _checks.positive_int(call, "steps", steps)
+    _check_lam(call, lam)
     if solve is None:
         solve = functools.partial(solve_cg, tol=1e-6, maxiter=100)
     _check_common(call, loss_fn, solve, if_not_converged, on_solve, tol, atol)
@@ -174,21 +147,20 @@ def imaml(
     loss_grad = grad_and_value(loss_fn)
 
     def optimality(phi, theta, batch, lam):
-        return _plus(torch.func.grad(loss_fn)(phi, batch), lam, _sub(phi, theta))
+        return _plus(torch.func.grad(loss_fn)(phi, batch), lam, sub(phi, theta))
 
     def linearize(phi, theta, batch, lam):
         # J = H + lam I with H the Hessian of loss_fn: H w by one vjp of its gradient at phi
         vjp = torch.func.vjp(lambda p: torch.func.grad(loss_fn)(p, batch), phi)
         g, hvp = vjp[0], vjp[1]
-        residual = lambda: _plus(g, lam, _sub(phi, theta))
+        residual = lambda: _plus(g, lam, sub(phi, theta))
         return residual, lambda w: _plus(hvp(w)[0], lam, w)
 
     def optimality_vjp(phi, u, theta, batch, lam):
         # -(dF/d theta)^T u = lam u and -(dF/d lam)^T u = -<phi - theta, u> in closed form (no
         # further evaluation of loss_fn); a differentiable batch goes through F (None)
         def lam_bar():
-            dot = sum(((phi[k] - theta[k]) * u[k]).sum() for k in phi)
-            return (-dot).reshape(lam.shape).to(lam.dtype)
+            return (-vdot(sub(phi, theta), u)).reshape(lam.shape).to(lam.dtype)
 
         scale = lam.reshape(()) if isinstance(lam, torch.Tensor) else lam
         theta_bar = {k: functools.partial(torch.mul, u[k], scale) for k in theta}
@@ -201,12 +173,12 @@ def imaml(
         for _ in range(steps):
             g, value = loss_grad(phi, batch)
             if start is None and track:  # phi = theta: the residual is grad loss_fn(theta)
-                start = _norm(g).detach()
-            g = _plus(g, lam, _sub(phi, theta))
+                start = norm(g).detach()
+            g = _plus(g, lam, sub(phi, theta))
             losses.append(value)
             updates, state = opt.update(g, state, phi)
             phi = apply_updates(phi, updates)
-        return stop_gradient(phi), (torch.stack(losses).detach(), start)
+        return detach(phi), (torch.stack(losses).detach(), start)
 
     root = _Root(
         "imaml(...)",
@@ -225,11 +197,29 @@ def imaml(
         args_vjp=optimality_vjp,
         linearize=linearize,
     )
-    phi, (losses, _) = root(stop_gradient(params), params, batch, lam)
+    phi, (losses, _) = root(detach(params), params, batch, lam)
 
     def grad_norm() -> torch.Tensor:
         # one gradient of loss_fn at phi*, without a graph (everything detached)
-        g = optimality(stop_gradient(phi), stop_gradient(params), batch, stop_gradient(lam))
-        return torch.stack([(x * x).sum() for x in optree.tree_leaves(g)]).sum().sqrt().detach()
+        g = optimality(detach(phi), detach(params), batch, detach(lam))
+        return vdot(g, g).sqrt().detach()
 
     return IMAMLResult(phi, losses, grad_norm)
+
+
+def _check_lam(call: str, lam: Any) -> None:
+    """``lam`` is a positive finite number, or a 1-element floating tensor holding one (per task
+    under ``vmap``)."""
+    if not isinstance(lam, torch.Tensor):
+        _checks.positive_finite(call, "lam", lam, meaning="the proximal strength")
+        return
+    if lam.numel() != 1 or not lam.is_floating_point():
+        raise ValueError(
+            f"{call}: expected lam to be a positive number or 1-element floating tensor, "
+            f"got a {lam.dtype} tensor of shape {tuple(lam.shape)}."
+        )
+    if not bool(((plain(lam) > 0) & plain(lam).isfinite()).all()):
+        raise ValueError(
+            f"{call}: expected lam to be positive and finite (the proximal strength), got "
+            f"{plain(lam).tolist()}."
+        )

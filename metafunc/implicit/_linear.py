@@ -20,6 +20,8 @@ import optree
 import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
+from .. import _checks
+from .._tree_math import axpy, sub, vdot, zeros_like
 from .._typing import PyTree
 
 __all__ = ["SolveInfo", "solve_cg", "solve_dense", "solve_neumann", "solve_normal_cg"]
@@ -45,26 +47,6 @@ class SolveInfo(NamedTuple):
     iterations: torch.Tensor
     converged: torch.Tensor
     optimality: torch.Tensor | None = None
-
-
-# ------------------------------------------------------------------------------- tree helpers
-def _map(fn, *trees):
-    return optree.tree_map(fn, *trees)
-
-
-def _vdot(a: PyTree, b: PyTree) -> torch.Tensor:
-    leaves = [(x * y).sum() for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b))]
-    return torch.stack(leaves).sum() if len(leaves) > 1 else leaves[0]
-
-
-def _axpy(alpha: torch.Tensor, x: PyTree, y: PyTree, *, subtract: bool = False) -> PyTree:
-    """``alpha * x + y`` (``y - alpha * x`` if ``subtract``) leafwise, ``alpha`` a 0-d tensor."""
-
-    def leaf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ax = (alpha if alpha.dtype == a.dtype else alpha.to(a.dtype)) * a
-        return b - ax if subtract else ax + b
-
-    return _map(leaf, x, y)
 
 
 def _size(tree: PyTree) -> int:
@@ -124,27 +106,23 @@ def _check(call: str, b: PyTree, tol: float, atol: float, maxiter: int | None, r
     if not all(x.is_floating_point() or x.is_complex() for x in leaves):
         dtypes = sorted({str(x.dtype) for x in leaves})
         raise TypeError(f"{call}: expected floating-point b, got dtypes {dtypes}.")
-    for name, value in (("tol", tol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
-            raise ValueError(f"{call}: expected {name} >= 0, got {value!r}.")
-    if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
-        raise ValueError(f"{call}: expected maxiter to be a positive int or None, got {maxiter!r}.")
-    if not isinstance(ridge, (int, float, torch.Tensor)):
-        raise TypeError(f"{call}: expected ridge to be a number or tensor, got {ridge!r}.")
+    _checks.at_least(call, "tol", tol)
+    _checks.at_least(call, "atol", atol)
+    _checks.positive_int(call, "maxiter", maxiter, or_none=True)
+    _checks.number_or_tensor(call, "ridge", ridge)
 
 
 def _with_ridge(matvec: Matvec, ridge: Any) -> Matvec:
     if isinstance(ridge, (int, float)) and ridge == 0:
         return matvec
-    return lambda v: _map(lambda av, x: av + ridge * x, matvec(v), v)
+    return lambda v: axpy(ridge, v, matvec(v))
 
 
 def _threshold(b: PyTree, tol: float, atol: float) -> torch.Tensor:
-    bnorm = _vdot(b, b).detach().sqrt()
+    bnorm = vdot(b, b).detach().sqrt()
     return torch.clamp(tol * bnorm, min=atol)
 
 
-# ------------------------------------------------------------------------------------ solvers
 def solve_cg(
     matvec: Matvec,
     b: PyTree,
@@ -192,9 +170,9 @@ def solve_cg(
 def _cg(
     A: Matvec, b: PyTree, init: PyTree | None, tol: float, atol: float, maxiter: int
 ) -> tuple[PyTree, SolveInfo]:
-    x = _map(torch.zeros_like, b) if init is None else init
-    r = b if init is None else _map(torch.sub, b, A(x))
-    p, rs = r, _vdot(r, r)
+    x = zeros_like(b) if init is None else init
+    r = b if init is None else sub(b, A(x))
+    p, rs = r, vdot(r, r)
     thresh = _threshold(b, tol, atol)
     done = rs.detach().sqrt() <= thresh
     iterations = torch.zeros((), dtype=torch.long, device=rs.device)
@@ -202,13 +180,13 @@ def _cg(
         if all_true(done):
             break
         Ap = A(p)
-        pAp = _vdot(p, Ap)
+        pAp = vdot(p, Ap)
         alpha = torch.where(done, 0.0, rs / torch.where(pAp == 0, 1, pAp))
-        x = _axpy(alpha, p, x)
-        r = _axpy(alpha, Ap, r, subtract=True)
-        rs_new = _vdot(r, r)
+        x = axpy(alpha, p, x)
+        r = axpy(-alpha, Ap, r)
+        rs_new = vdot(r, r)
         beta = rs_new / torch.where(rs == 0, 1, rs)
-        p = _axpy(beta, p, r)
+        p = axpy(beta, p, r)
         rs = torch.where(done, rs, rs_new)
         iterations = iterations + ~done  # bool + long: long
         done = done | (rs.detach().sqrt() <= thresh)
@@ -284,10 +262,10 @@ def solve_neumann(
     """
     _check("solve_neumann(matvec, b, ...)", b, tol, atol, maxiter, ridge)
     A = _with_ridge(matvec, ridge)
-    x = _map(torch.zeros_like, b) if init is None else init
-    r = b if init is None else _map(torch.sub, b, A(x))
+    x = zeros_like(b) if init is None else init
+    r = b if init is None else sub(b, A(x))
     thresh = _threshold(b, tol, atol)
-    rn = _vdot(r, r).detach().sqrt()
+    rn = vdot(r, r).detach().sqrt()
     done = rn <= thresh
     iterations = torch.zeros((), dtype=torch.long, device=rn.device)
     step = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha))
@@ -295,9 +273,9 @@ def solve_neumann(
         if all_true(done):
             break
         a = torch.where(done, torch.zeros_like(rn), step.to(rn.device, rn.dtype))
-        x = _axpy(a, r, x)
-        r = _axpy(-a, A(r), r)
-        rn = torch.where(done, rn, _vdot(r, r).detach().sqrt())
+        x = axpy(a, r, x)
+        r = axpy(-a, A(r), r)
+        rn = torch.where(done, rn, vdot(r, r).detach().sqrt())
         iterations = iterations + (~done).long()
         done = done | (rn <= thresh)
     return x, SolveInfo(rn, iterations, done, rn)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,10 @@ from typing import Any
 import optree
 import torch
 
+from .. import _checks
+from .._tree_math import detach, norm
 from .._typing import PyTree
+from ._backward import Implicit, Problem
 from ._linear import SolveInfo, all_true, plain, solve_normal_cg
 
 __all__ = ["ImplicitSolveWarning", "custom_fixed_point", "custom_root"]
@@ -42,120 +44,6 @@ class ImplicitSolveWarning(RuntimeWarning):
 
 def _is_diff(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-
-
-def _detach(tree: PyTree) -> PyTree:
-    return optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
-
-
-def _norm(tree: PyTree) -> torch.Tensor:
-    """The Euclidean norm over all leaves of a pytree of tensors."""
-    leaves = optree.tree_leaves(tree)
-    total = torch.linalg.vector_norm(leaves[0]) ** 2
-    for x in leaves[1:]:
-        total = total + torch.linalg.vector_norm(x) ** 2
-    return total.sqrt()
-
-
-class _Problem:
-    """Everything the backward pass needs that is not a tensor input of the autograd.Function."""
-
-    def __init__(self, root, sol_spec, args_spec, leaves, diff_idx):
-        self.root = root
-        self.sol_spec, self.args_spec = sol_spec, args_spec
-        self.leaves, self.diff_idx = leaves, diff_idx
-
-    def rebuild(self, diff_leaves) -> tuple[tuple, dict]:
-        leaves = list(self.leaves)
-        for i, x in zip(self.diff_idx, diff_leaves):
-            leaves[i] = x
-        return optree.tree_unflatten(self.args_spec, leaves)  # type: ignore[return-value]
-
-    def residual(self, sol_leaves, diff_leaves) -> PyTree:
-        args, kwargs = self.rebuild(diff_leaves)
-        sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
-        return self.root.optimality_fn(sol, *args, **kwargs)
-
-    def backward(self, sol_leaves, diff_leaves, cotangents, needs, limit) -> list:
-        root = self.root
-        sol_leaves, diff_leaves = tuple(sol_leaves), tuple(diff_leaves)
-        v = optree.tree_unflatten(self.sol_spec, list(cotangents))
-        F_sol = lambda s: self.residual(optree.tree_leaves(s), diff_leaves)
-        sol = optree.tree_unflatten(self.sol_spec, list(sol_leaves))
-        if root.linearize is not None:
-            args, kwargs = self.rebuild(diff_leaves)
-            F_at_sol, matvec = root.linearize(sol, *args, **kwargs)
-        else:
-            vjp = torch.func.vjp(F_sol, sol)
-            F_at_sol, vjp_sol = (lambda out=vjp[0]: out), vjp[1]
-
-            def matvec(w):  # J^T w
-                return vjp_sol(w)[0]
-
-        optimality = None
-        if limit is not None or root.on_solve is not None:  # "ignore": nothing extra
-            optimality = _norm(F_at_sol())
-            root.check_optimality(optimality, limit)
-        solve_kwargs = {}
-        if root.solve_takes_rmatvec:
-
-            def rmatvec(w):  # J w, by forward mode
-                with warnings.catch_warnings():  # torch's jvp decompositions, loaded on first use
-                    warnings.filterwarnings("ignore", ".*torch.jit.script", DeprecationWarning)
-                    return torch.func.jvp(F_sol, (sol,), (w,))[1]
-
-            solve_kwargs["rmatvec"] = rmatvec
-        out = root.solve(matvec, v, **solve_kwargs)
-        u, info = out if isinstance(out, tuple) else (out, None)
-        if info is not None:
-            root.report(info, optimality)
-        result: list = [None] * len(diff_leaves)
-        picked = [i for i, need in enumerate(needs) if need]
-        if picked and root.args_vjp is not None:  # closed forms, where the caller knows them
-            args, kwargs = self.rebuild(diff_leaves)
-            closed = optree.tree_leaves(root.args_vjp(sol, u, *args, **kwargs), none_is_leaf=True)
-            for i in picked:
-                thunk = closed[self.diff_idx[i]]
-                result[i] = None if thunk is None else thunk()
-            picked = [i for i in picked if result[i] is None]
-        if not picked:
-            return result
-
-        def F_args(*chosen):
-            leaves = list(diff_leaves)
-            for i, x in zip(picked, chosen):
-                leaves[i] = x
-            return self.residual(sol_leaves, leaves)
-
-        vjp_args = torch.func.vjp(F_args, *[diff_leaves[i] for i in picked])[1]
-        grads = vjp_args(optree.tree_map(torch.neg, u))
-        for i, g in zip(picked, grads):
-            result[i] = g
-        return result
-
-
-class _Implicit(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    # limit: the tolerance on ||F(sol)|| (a tensor, batched like the tasks under vmap), or None
-    @staticmethod
-    def forward(problem, n_sol, limit, *tensors):
-        return tuple(t.clone() for t in tensors[:n_sol])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        problem, n_sol, limit, *tensors = inputs
-        ctx.problem, ctx.n_sol, ctx.has_limit = problem, n_sol, limit is not None
-        ctx.save_for_backward(*output, *tensors[n_sol:], *([] if limit is None else [limit]))
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        saved = ctx.saved_tensors
-        n, end = ctx.n_sol, len(saved) - ctx.has_limit
-        limit = saved[-1] if ctx.has_limit else None
-        needs = ctx.needs_input_grad[3 + n :]
-        grads = ctx.problem.backward(saved[:n], saved[n:end], cotangents, needs, limit)
-        return (None, None, None, *([None] * n), *grads)
 
 
 def _parameters(fn: Callable[..., Any]) -> Any:
@@ -265,7 +153,7 @@ class _Root:
                     f"({len(args)} positional: {sorted(kwargs)} by keyword): {e}. It must take the "
                     "solution first, then exactly the solver's other arguments."
                 ) from None
-        out = self.solver(init, *_detach(args), **_detach(kwargs))
+        out = self.solver(init, *detach(args), **detach(kwargs))
         if self.has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(
@@ -285,7 +173,7 @@ class _Root:
         leaves: list[Any]
         leaves, args_spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # type: ignore[arg-type]
         diff_idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
-        problem = _Problem(self, sol_spec, args_spec, leaves, diff_idx)
+        problem = Problem(self, sol_spec, args_spec, leaves, diff_idx)
         diff = [leaves[i] for i in diff_idx]
         if self.check:  # one evaluation of F, so that a wrong F fails here, not in backward
             self._check_residual(problem, sol_spec, sol_leaves, diff)
@@ -293,7 +181,7 @@ class _Root:
             out_leaves = sol_leaves
         else:
             limit = self._limit(init, aux, problem, sol_spec, sol_leaves, diff)
-            out_leaves = list(_Implicit.apply(problem, len(sol_leaves), limit, *sol_leaves, *diff))
+            out_leaves = list(Implicit.apply(problem, len(sol_leaves), limit, *sol_leaves, *diff))
         sol = optree.tree_unflatten(sol_spec, out_leaves)
         return (sol, aux) if self.has_aux else sol
 
@@ -326,7 +214,7 @@ class _Root:
             start = self.start_norm(aux)
         elif init_leaves is not None:
             with torch.no_grad():
-                start = _norm(problem.residual([x.detach() for x in init_leaves], diff))
+                start = norm(problem.residual([x.detach() for x in init_leaves], diff))
         if start is None:
             return torch.tensor(float(self.atol), device=sol_leaves[0].device)
         return torch.clamp(self.tol * start.detach(), min=self.atol)
@@ -345,29 +233,17 @@ class _Root:
 
 
 def _check_common(call, fn, solve, if_not_converged, on_solve, tol, atol):
-    if not callable(fn):
-        raise TypeError(f"{call}: expected a callable, got {type(fn).__name__}.")
+    _checks.is_callable(call, None, fn)
     if not callable(solve):
         raise TypeError(
             f"{call}: expected solve to be a linear solver solve(matvec, b) -> x or (x, info), "
             f"such as metafunc.implicit.solve_cg, got {solve!r}."
         )
-    if if_not_converged not in _POLICIES:
-        raise ValueError(
-            f"{call}: expected if_not_converged in {_POLICIES}, got {if_not_converged!r}."
-        )
-    if on_solve is not None and not callable(on_solve):
-        raise TypeError(f"{call}: expected on_solve to be callable or None, got {on_solve!r}.")
-    for name, value in (("tol", tol), ("atol", atol)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value < math.inf
-        ):
-            raise ValueError(
-                f"{call}: expected {name} to be a finite number >= 0 (a tolerance on the "
-                f"optimality residual at the solution), got {value!r}."
-            )
+    _checks.one_of(call, "if_not_converged", if_not_converged, _POLICIES)
+    _checks.is_callable(call, "on_solve", on_solve, or_none=True)
+    meaning = "a tolerance on the optimality residual at the solution"
+    _checks.finite_number(call, "tol", tol, meaning=meaning)
+    _checks.finite_number(call, "atol", atol, meaning=meaning)
 
 
 def custom_root(
@@ -436,8 +312,7 @@ def custom_root(
     _check_common(call, optimality_fn, solve, if_not_converged, on_solve, tol, atol)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
-        if not callable(solver):
-            raise TypeError(f"{call}(solver): expected a callable, got {type(solver).__name__}.")
+        _checks.is_callable(f"{call}(solver)", None, solver)
         name = getattr(solver, "__name__", "solver")
         root = _Root(
             f"custom_root(...)({name})",

@@ -1,4 +1,8 @@
-"""Exact recomputation of inner-loop segments in the backward pass (sqrt(T) memory).
+"""Rematerialisation: exact recomputation of inner-loop segments in the backward pass.
+
+``inner_loop(checkpoint=k)`` keeps only segment boundaries and recomputes each segment of ``k``
+steps when the backward pass reaches it (sqrt(T) memory). Not to be confused with the runner's
+checkpoints, which are files (:mod:`metafunc._train._snapshot`).
 
 ``torch.utils.checkpoint`` does not fit a *second-order* unroll: the inner ``autograd.grad`` call
 inside a checkpointed region unpacks saved tensors during the forward pass, which makes the
