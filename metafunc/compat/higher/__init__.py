@@ -1,9 +1,16 @@
 """``import metafunc.compat.higher as higher``: run code written for facebookresearch/higher.
 
-higher is archived; this layer gives its API (``innerloop_ctx``, ``monkeypatch``,
-``get_diff_optim``, ``optim.Differentiable*``, ``register_optim``) on metafunc's core, with the
-same meaning of every option, and ``torch.optim``'s numbers where higher 0.2.1 departs from them
-(its Adam at small ``eps``, its RMSprop, which warns that its gradients may be wrong).
+higher is archived; this layer gives every public name of higher 0.2.1 (``innerloop_ctx``,
+``monkeypatch``, ``get_diff_optim``, ``create_diff_optim``, ``register_optim``, and the modules
+``optim``, ``patch`` and ``utils``) on metafunc's core, with the same meaning of every option, and
+``torch.optim``'s numbers where higher 0.2.1 departs from them (its Adam at small ``eps``, its
+RMSprop, which warns that its gradients may be wrong).
+
+As in higher, the differentiable optimizer starts from the *state* of the ``torch.optim``
+optimizer it is given (momentum buffers, moments, step counts; copied, per parameter and group):
+warm up with ``torch.optim``, then unroll the same optimizer, and the unrolled steps are those
+``torch.optim`` would have taken next. ``fmodel`` mirrors the module: ``fmodel.f(x)`` runs
+submodule ``f`` with the fast weights, and ``fmodel.f.weight`` is its current fast weight.
 
 The one option to understand is ``copy_initial_weights`` (default ``True``): it makes the fast
 weights start from *detached copies*, so **the model's own parameters get no meta-gradient**.
@@ -22,17 +29,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import optim
-from .optim import _check_optimizer, get_diff_optim, register_optim
+from . import optim, patch, utils
+from ._base import _check_optimizer
+from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import FunctionalModule, _resolve_initial, monkeypatch
 
 __all__ = [
     "FunctionalModule",
+    "create_diff_optim",
     "get_diff_optim",
     "innerloop_ctx",
     "monkeypatch",
     "optim",
+    "patch",
     "register_optim",
+    "utils",
 ]
 
 
@@ -54,7 +65,8 @@ def innerloop_ctx(
     meta-gradient stops at ``fmodel.parameters(time=0)``. Pass ``copy_initial_weights=False``
     (or ``meta_grad_to_model=True``) for MAML. ``override`` replaces hyperparameters of
     ``opt``'s groups (learnable tensors get meta-gradients); ``track_higher_grads=False``
-    detaches every step.
+    detaches every step. If ``opt`` has stepped, the differentiable optimizer starts from a copy
+    of its state, and its steps are those ``opt`` would take next.
 
     Example (MAML, one task):
         >>> import torch

@@ -1,17 +1,24 @@
-"""higher's functional model (``monkeypatch``), on :class:`metafunc.FunctionalModel`."""
+"""higher's functional model (``monkeypatch``, ``make_functional``, ``buffer_sync``), on
+:class:`metafunc.FunctionalModel`."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..._functional import FunctionalModel, functionalize
+from ._views import SubmoduleView, _Method
 
-__all__ = ["FunctionalModule", "monkeypatch"]
+__all__ = ["FunctionalModule", "buffer_sync", "make_functional", "monkeypatch"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _resolve_initial(call: str, copy_initial_weights: bool, meta_grad_to_model: bool | None):
@@ -31,6 +38,10 @@ def _resolve_initial(call: str, copy_initial_weights: bool, meta_grad_to_model: 
     return not meta_grad_to_model
 
 
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 class FunctionalModule:
     """What ``monkeypatch`` returns: the module run with a list of fast weights.
 
@@ -42,15 +53,27 @@ class FunctionalModule:
     Differentiable optimizers append new fast weights with :meth:`update_params`;
     :meth:`parameters` with ``time=t`` returns those after step ``t`` (kept only while
     ``track_higher_grads`` is true, as in higher).
+
+    As in higher, the model's structure shows through: ``fmodel.f`` is submodule ``f``
+    (a :class:`~metafunc.compat.higher._views.SubmoduleView`, run with the fast weights),
+    ``fmodel.weight`` and ``fmodel.f.weight`` are current fast weights, ``fmodel[0]`` indexes a
+    ``Sequential``, and assigning ``fmodel.f.weight = w`` makes ``w`` current. A name of this
+    class's own (``module``, ``names``, ``parameters``, ``training``...) takes precedence over a
+    submodule or attribute of the same name.
     """
 
-    def __init__(self, module: nn.Module, fast: list[torch.Tensor], track_higher_grads: bool):
+    def __init__(
+        self, module: nn.Module, fast: list[torch.Tensor] | None, track_higher_grads: bool
+    ):
         self.module = module
         self._fm: FunctionalModel = functionalize(module)
         self._fm.buffers = {k: b.detach().clone() for k, b in self._fm.buffers.items()}
         self.names = [name for name, _ in module.named_parameters()]
-        self._history: list[list[torch.Tensor]] = [fast]
+        self._index = {id(p): i for i, p in enumerate(module.parameters())}
+        self._buffer_name = {id(b): name for name, b in module.named_buffers()}
+        self._runners: dict[tuple[str, str], tuple[FunctionalModel, list, list]] = {}
         self._track = bool(track_higher_grads)
+        self._history: list[list[torch.Tensor]] = [] if fast is None else [fast]
 
     # higher's attributes --------------------------------------------------------------------
     @property
@@ -64,18 +87,19 @@ class FunctionalModule:
         self._track = value
 
     @property
-    def fast_params(self) -> list[torch.Tensor]:
-        """The current fast weights (a list, in ``module.parameters()`` order)."""
-        return self._history[-1]
+    def fast_params(self) -> list[torch.Tensor] | None:
+        """The current fast weights (a list, in ``module.parameters()`` order); ``None`` before
+        a ``make_functional`` model is first given some, as in higher."""
+        return self._history[-1] if self._history else None
 
     @fast_params.setter
     def fast_params(self, value: Iterable[torch.Tensor]) -> None:
         self.update_params(value)
 
     @property
-    def init_fast_params(self) -> list[torch.Tensor]:
+    def init_fast_params(self) -> list[torch.Tensor] | None:
         """The fast weights at time 0 (the first kept ones when not tracking)."""
-        return self._history[0]
+        return self._history[0] if self._history else None
 
     def update_params(self, params: Iterable[torch.Tensor]) -> None:
         """Makes ``params`` the current fast weights (appended to the history when tracking)."""
@@ -90,8 +114,23 @@ class FunctionalModule:
         else:
             self._history = [params]
 
-    def parameters(self, time: int | None = None) -> Iterator[torch.Tensor]:
-        """The fast weights after step ``time`` (``None``: the current ones; 0: the initial)."""
+    def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[torch.Tensor]:
+        """The fast weights after step ``time`` (``None``: the current ones; 0: the initial).
+
+        ``recurse`` is there for ``nn.Module.parameters``' signature, as in higher: all the
+        fast weights are returned either way (with higher's warning when it is false).
+        """
+        if not recurse:
+            warnings.warn(
+                "fmodel.parameters(recurse=False) still returns the fast weights of every "
+                "submodule (as in higher): a functional model has one list of fast weights.",
+                stacklevel=2,
+            )
+        if not self._history:
+            raise ValueError(
+                f"fmodel.parameters(time={time}): this functional model has no fast weights yet "
+                "(make_functional keeps none until it is called with params=...)."
+            )
         if time is None:
             return iter(self._history[-1])
         if not -len(self._history) <= time < len(self._history):
@@ -102,33 +141,205 @@ class FunctionalModule:
             )
         return iter(self._history[time])
 
-    def named_parameters(self, time: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        return zip(self.names, self.parameters(time))
+    def named_parameters(
+        self, recurse: bool = True, time: int | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, fast weight)`` pairs, as :meth:`parameters`."""
+        return zip(self.names, self.parameters(recurse, time=time))
 
     # running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any):
+        return self._run("", "forward", args, kwargs, params)
+
+    def __call__(self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any):
+        return self._run("", "forward", args, kwargs, params)
+
+    def _run(self, path: str, method: str, args: tuple, kwargs: dict, params: Any) -> Any:
+        """Runs ``method`` of submodule ``path`` with the current fast weights and buffers."""
+        where = "fmodel" + (f".{path}" if path else "")
         if params is not None:  # as in higher, they become the current fast weights
             params = list(params)
             if len(params) != len(self.names):
                 raise ValueError(
-                    f"fmodel(..., params=...): expected {len(self.names)} tensors in "
-                    f"module.parameters() order, got {len(params)}."
+                    f"{where}(..., params=...): expected {len(self.names)} tensors in "
+                    f"module.parameters() order (all of the model's, as in higher), got "
+                    f"{len(params)}."
                 )
             self.update_params(params)
         values = self.fast_params
-        fm = self._fm
-        named = dict(zip(self.names, values))
-        if not fm.buffers:
+        if values is None:
+            raise ValueError(
+                f"{where}(...): this functional model has no fast weights yet; pass params= "
+                f"(a list of {len(self.names)} tensors in module.parameters() order)."
+            )
+        fm, keys, buffer_keys = self._runner(path, method)
+        named = {k: values[i] for k, i in keys}
+        if not buffer_keys:
             return fm(named, *args, **kwargs)
-        out, new_buffers = fm.apply(named, fm.buffers, *args, **kwargs)
-        with torch.no_grad():
+        buffers = {k: self._fm.buffers[name] for k, name in buffer_keys}
+        out, new_buffers = fm.apply(named, buffers, *args, **kwargs)
+        with torch.no_grad():  # the functional model's own copies, as in higher
             for key, value in new_buffers.items():
-                if value is not fm.buffers[key]:
-                    fm.buffers[key].copy_(value)
+                if value is not buffers[key]:
+                    buffers[key].copy_(value)
         return out
 
-    __call__ = forward
+    def _runner(self, path: str, method: str) -> tuple[FunctionalModel, list, list]:
+        """A FunctionalModel running ``method`` of submodule ``path``, with ``(its param name,
+        index in the fast weights)`` and ``(its buffer name, name in self._fm.buffers)`` pairs."""
+        cached = self._runners.get((path, method))
+        if cached is not None:
+            return cached
+        skeleton, real = self._skeleton(path), self._real(path)
+        prefix = ""
+        if not path and method == "forward":
+            fm = self._fm
+        elif method == "forward":
+            fm = functionalize(skeleton)
+        else:
+            fm, prefix = functionalize(_Method(skeleton, method)), "m."
+        keys = [(prefix + name, self._index[id(p)]) for name, p in real.named_parameters()]
+        buffer_keys = [
+            (prefix + name, self._buffer_name[id(b)]) for name, b in real.named_buffers()
+        ]
+        self._runners[(path, method)] = (fm, keys, buffer_keys)
+        return fm, keys, buffer_keys
 
+    def _real(self, path: str) -> nn.Module:
+        return self.module.get_submodule(path) if path else self.module
+
+    def _skeleton(self, path: str) -> nn.Module:
+        """The submodule in the functional model's own copy (data-free; its training modes)."""
+        return self._fm._skeleton.get_submodule(path) if path else self._fm._skeleton
+
+    # the module's structure ------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or "_history" not in self.__dict__:  # not built yet (copy)
+            raise AttributeError(name)
+        return self._attr("", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_history" in self.__dict__ and name in self.module._parameters:
+            self._set_param("", name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getitem__(self, index: int | str) -> Any:
+        return self._item("", index)
+
+    def __len__(self) -> int:
+        return len(self._container("")._modules)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter("")
+
+    def _attr(self, path: str, name: str) -> Any:
+        """``fmodel.<path>.<name>``: a submodule view, a fast weight, a buffer copy, a method
+        run with the fast weights, or the module's attribute."""
+        real = self._real(path)
+        where = "fmodel" + (f".{path}" if path else "")
+        if name in real._modules:
+            return None if real._modules[name] is None else SubmoduleView(self, _join(path, name))
+        if name in real._parameters:
+            p = real._parameters[name]
+            if p is None:
+                return None
+            if self.fast_params is None:
+                raise ValueError(
+                    f"{where}.{name}: this functional model has no fast weights yet (call it "
+                    "with params=... first)."
+                )
+            return self.fast_params[self._index[id(p)]]
+        if name in real._buffers:
+            b = real._buffers[name]
+            return None if b is None else self._fm.buffers[self._buffer_name[id(b)]]
+        try:
+            value = getattr(real, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{where}.{name}: {type(real).__name__} has no attribute {name!r} (its "
+                f"submodules: {list(real._modules)}; parameters: {list(real._parameters)})."
+            ) from None
+        if inspect.ismethod(value) and value.__self__ is real:
+            owner = next((c for c in type(real).__mro__ if name in vars(c)), None)
+            if owner is not None and owner.__module__.startswith("torch."):
+                raise AttributeError(
+                    f"{where}.{name}: {owner.__qualname__}.{name} is torch's own method, which "
+                    "would see the module's weights, not the fast weights. The functional model "
+                    "runs forward (call it) and the methods your module class defines; for the "
+                    "weights, use fmodel.parameters() or named_parameters()."
+                )
+            return functools.partial(self._run_method, path, name)
+        return value
+
+    def _run_method(self, path: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._run(path, name, args, kwargs, None)
+
+    def _set_param(self, path: str, name: str, value: Any) -> None:
+        """``fmodel.<path>.<name> = value``: as in higher, ``value`` becomes the current fast
+        weight of that parameter (a new time step when tracking)."""
+        real = self._real(path)
+        where = "fmodel" + (f".{path}" if path else "")
+        p = real._parameters.get(name)
+        if p is None:
+            raise AttributeError(
+                f"{where}.{name} = ...: only the fast weights of the parameters can be set on the "
+                f"functional model ({type(real).__name__}'s: {list(real._parameters)})."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}.{name} = ...: expected a tensor, got {type(value).__name__}.")
+        if value.shape != p.shape:
+            raise ValueError(
+                f"{where}.{name} = ...: expected shape {tuple(p.shape)}, got {tuple(value.shape)}."
+            )
+        if self.fast_params is None:
+            raise ValueError(f"{where}.{name} = ...: there are no fast weights to update yet.")
+        fast = list(self.fast_params)
+        fast[self._index[id(p)]] = value
+        self.update_params(fast)
+
+    def _container(self, path: str) -> nn.Module:
+        real = self._real(path)
+        if not isinstance(real, _CONTAINERS):
+            raise TypeError(
+                f"{'fmodel' + (f'.{path}' if path else '')}: a {type(real).__name__} is not "
+                "indexable; only Sequential, ModuleList and ModuleDict submodules are."
+            )
+        return real
+
+    def _item(self, path: str, index: int | str) -> SubmoduleView:
+        real = self._container(path)
+        names = list(real._modules)
+        if isinstance(index, str) and index in real._modules:
+            return SubmoduleView(self, _join(path, index))
+        if isinstance(index, int) and not isinstance(real, nn.ModuleDict):
+            if -len(names) <= index < len(names):
+                return SubmoduleView(self, _join(path, names[index]))
+            raise IndexError(f"index {index} is out of range for {len(names)} submodules.")
+        raise TypeError(
+            f"{'fmodel' + (f'.{path}' if path else '')}[{index!r}]: expected an int position "
+            f"(Sequential, ModuleList) or a key (ModuleDict: {names}); slices are not supported."
+        )
+
+    def _iter(self, path: str) -> Iterator[Any]:
+        real = self._container(path)
+        if isinstance(real, nn.ModuleDict):
+            return iter(list(real._modules))
+        return iter([SubmoduleView(self, _join(path, name)) for name in real._modules])
+
+    def _named_fast(self, path: str, prefix: str, recurse: bool):
+        real = self._real(path)
+        fast = self.fast_params
+        if fast is None:
+            raise ValueError("fmodel: there are no fast weights yet.")
+        return iter(
+            [
+                (_join(prefix, name), fast[self._index[id(p)]])
+                for name, p in real.named_parameters(recurse=recurse)
+            ]
+        )
+
+    # modes -----------------------------------------------------------------------------------
     @property
     def training(self) -> bool:
         return self._fm.training
@@ -136,6 +347,7 @@ class FunctionalModule:
     def train(self, mode: bool = True) -> FunctionalModule:
         """Sets every submodule's training mode here (the module itself is not changed)."""
         self._fm = self._fm.train(mode)
+        self._runners = {}
         return self
 
     def eval(self) -> FunctionalModule:
@@ -143,6 +355,10 @@ class FunctionalModule:
 
     def __repr__(self) -> str:
         return f"FunctionalModule({self.module!r}, time={len(self._history) - 1})"
+
+
+# higher's name for the class of a patched module (user code checks isinstance against it)
+_MonkeyPatchBase = FunctionalModule
 
 
 def monkeypatch(
@@ -176,3 +392,76 @@ def monkeypatch(
     if device is not None:  # buffers on the device; the module itself is not moved
         module = copy.deepcopy(module).to(device)
     return FunctionalModule(module, fast, track_higher_grads)
+
+
+def make_functional(
+    module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None
+) -> FunctionalModule:
+    """higher's ``make_functional``: ``module`` as a functional model *without* fast weights.
+
+    Call it with ``params=`` (a list with one tensor per parameter, in ``module.parameters()``
+    order); as in higher, those become its fast weights, so later calls without ``params`` use
+    them. ``encapsulator(fmodule, module)``, if given, runs once on the new model (higher's hook,
+    e.g. to give it initial fast weights with ``fmodule.update_params``). Its buffers are copies
+    of the module's (higher's has none until :func:`buffer_sync`).
+
+    Example:
+        >>> import torch
+        >>> from metafunc.compat.higher import patch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodule = patch.make_functional(model)
+        >>> x = torch.ones(3, 2)
+        >>> torch.equal(fmodule(x, params=list(model.parameters())), model(x))
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"make_functional(module, ...): expected a torch.nn.Module, got "
+            f"{type(module).__name__}."
+        )
+    fmodule = FunctionalModule(module, None, track_higher_grads=True)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule
+
+
+def buffer_sync(
+    module: nn.Module, fmodule: FunctionalModule, device: torch.device | str | None = None
+) -> None:
+    """higher's ``buffer_sync``: copies ``module``'s buffers into ``fmodule``, once.
+
+    The direction is higher's, from the module *to* the functional model: ``fmodule``'s buffers
+    become detached copies (on ``device`` if given), which its forward passes may then update
+    (BatchNorm statistics) without touching the module. Later changes to the module's buffers do
+    not reach ``fmodule`` until the next ``buffer_sync``.
+
+    Example:
+        >>> import torch
+        >>> from metafunc.compat.higher import patch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> fmodel = patch.monkeypatch(bn)
+        >>> _ = bn(torch.randn(4, 2))  # the module's statistics move on
+        >>> patch.buffer_sync(bn, fmodel)
+        >>> torch.equal(fmodel.running_mean, bn.running_mean)
+        True
+    """
+    call = "buffer_sync(module, fmodule, ...)"
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{call}: expected module to be a torch.nn.Module, got {type(module).__name__}."
+        )
+    if not isinstance(fmodule, FunctionalModule):
+        raise TypeError(
+            f"{call}: expected fmodule to be a functional model (from monkeypatch or "
+            f"make_functional), got {type(fmodule).__name__}."
+        )
+    ours = fmodule._fm.buffers
+    theirs = dict(module.named_buffers())
+    if set(theirs) != set(ours):
+        raise ValueError(
+            f"{call}: the module's buffers {sorted(theirs)} are not the functional model's "
+            f"{sorted(ours)}; pass the module it was made from."
+        )
+    for name, value in theirs.items():
+        copied = value.detach().clone()
+        ours[name] = copied if device is None else copied.to(device)
