@@ -5,7 +5,7 @@
 Setup (Li et al. 2017, 4.1, following Finn et al. 2017, 5.1): tasks y = A sin(x - phase), A in
 [0.1, 5], phase in [0, pi], x in [-5, 5]; learner an MLP 1-40-40-1 with ReLU; one inner SGD step
 on the K support points, trained on the MSE of K query points; MAML's inner learning rate 0.01,
-Meta-SGD's learned per parameter (``MAML(..., learn_lr="per_param")``), initialised uniformly in
+Meta-SGD's learned per parameter (``MAML(..., learn_lr=PerParamLR())``), initialised uniformly in
 [0.005, 0.1] as in the paper (``--metasgd-lr-init inner-lr`` keeps metafunc's constant start);
 outer Adam (lr 1e-3) over meta-batches of 25 tasks; then one step on K points of each of
 ``--eval-tasks`` held-out tasks (the same tasks for both algorithms) and the MSE on
@@ -72,7 +72,9 @@ def build(cfg: dict[str, Any]):
     torch.manual_seed(cfg["seed"])
     device = torch.device(cfg["device"])
     fm = metafunc.functionalize(mlp().to(device))
-    kwargs: dict[str, Any] = {"learn_lr": "per_param"} if cfg["algorithm"] == "metasgd" else {}
+    kwargs: dict[str, Any] = (
+        {"learn_lr": algorithms.PerParamLR()} if cfg["algorithm"] == "metasgd" else {}
+    )
     learner = algorithms.MAML(
         fm, "mse", inner_lr=cfg["inner_lr"], steps=1, strategy=cfg["strategy"], **kwargs
     )

@@ -24,7 +24,7 @@ from torch import nn
 import metafunc
 import metafunc._train
 from metafunc import distributed as mdist
-from metafunc.algorithms import IMAML, MAML, Leap, Reptile
+from metafunc.algorithms import IMAML, MAML, Leap, PerParamLR, Reptile
 from metafunc.data import Sinusoid
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "leap", "imaml")
@@ -39,7 +39,7 @@ def _learner(name: str):
     if name == "fomaml":
         return MAML(fm, steps=2, inner_lr=0.05, first_order=True, strategy="vmap")
     if name == "metasgd":
-        return MAML(fm, steps=1, inner_lr=0.05, learn_lr="per_param", strategy="vmap")
+        return MAML(fm, steps=1, inner_lr=0.05, learn_lr=PerParamLR(), strategy="vmap")
     if name == "reptile":
         return Reptile(fm, steps=3, inner_lr=0.05, strategy="vmap")
     if name == "leap":

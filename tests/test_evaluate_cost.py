@@ -29,12 +29,12 @@ def _learner(name: str, fm, strategy: str):
     if name == "maml":
         learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, strategy=strategy)
     elif name == "metasgd":
-        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, learn_lr="per_param",
+        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, learn_lr=algorithms.PerParamLR(),
                                   strategy=strategy)  # fmt: skip
     elif name == "anil":
-        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, adapt=HEAD, strategy=strategy)
+        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, adapted=HEAD, strategy=strategy)
     elif name == "mamlpp":
-        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, learn_lr="per_layer_per_step",
+        learner = algorithms.MAML(fm, inner_lr=LR, steps=STEPS, learn_lr=algorithms.PerStepLR(),
                                   step_weights=[0.5, 0.5], strategy=strategy)  # fmt: skip
     elif name == "reptile":
         learner = algorithms.Reptile(fm, inner_lr=LR, steps=STEPS, strategy=strategy)

@@ -166,12 +166,12 @@ def test_the_check_runs_under_an_outer_torch_func_grad(device):
 
 
 def test_anil_adapts_a_subset_and_raises_nothing(device):
-    """``MAML(adapt=[...])`` passes only the adapted params to inner_loop: the others are closed
+    """``MAML(adapted=[...])`` passes only the adapted params to inner_loop: the others are closed
     over by the loss, so they are not 'unused'."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     fm = metafunc.functionalize(net.to(device=device, dtype=D))
-    learner = metafunc.algorithms.MAML(fm, adapt=["2.weight", "2.bias"], steps=2)
+    learner = metafunc.algorithms.MAML(fm, adapted=["2.weight", "2.bias"], steps=2)
     g = torch.Generator().manual_seed(2)
     support = (
         torch.randn(3, 5, 2, generator=g, dtype=D),

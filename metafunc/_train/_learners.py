@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,11 +30,11 @@ def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy
             "first_order": args.first_order or a == "fomaml",
         }
         if a == "metasgd":
-            kwargs["learn_lr"] = "per_param"
+            kwargs["learn_lr"] = algorithms.PerParamLR()
         if a == "anil":
-            kwargs["adapt"] = _head_names(model, args.task)
+            kwargs["adapted"] = _head_names(model, args.task)
         if a == "mamlpp":
-            kwargs["learn_lr"] = "per_layer_per_step"
+            kwargs["learn_lr"] = algorithms.PerStepLR()
             kwargs["step_weights"] = _msl_weights(args.inner_steps, 0.0)
         return algorithms.MAML(fm, loss, **kwargs, **common)
     if a == "reptile":
@@ -54,6 +54,28 @@ def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy
         steps=args.inner_steps, seed=args.seed,
         buffer_size=1000 if args.task == "sinusoid" else 200, **common,
     )  # fmt: skip
+
+
+def _meta_grad(learner: Any, meta: Any, support: Any, query: Any) -> Any:
+    return learner.meta_grad(meta, support, query)
+
+
+class _Compiled(NamedTuple):
+    """``learner`` whose ``meta_grad`` runs ``compiled`` (for :func:`distributed.meta_grad`).
+
+    The learner is an input of the one compiled function (:func:`compiled_meta_grad`), so
+    MAML++'s annealed copies of it (new step weights, read as a tensor) use the same graph."""
+
+    learner: Any
+    compiled: Any
+
+    def meta_grad(self, meta: Any, support: Any, query: Any) -> Any:
+        return self.compiled(self.learner, meta, support, query)
+
+
+def compiled_meta_grad(backend: str) -> Any:
+    """``meta_grad(learner, meta, support, query)``, compiled by ``torch.compile`` on first use."""
+    return torch.compile(_meta_grad, backend=backend)
 
 
 def _msl_weights(steps: int, progress: float) -> list[float]:

@@ -26,7 +26,7 @@ from .._threads import choose_threads
 from ._cli import _MAX_SKIPS, _config, _launched_processes, _resume_command
 from ._errors import PROG, RunError
 from ._folder import RunFolder, _share_folder
-from ._learners import _choose_strategy, _learner, _msl_weights
+from ._learners import _choose_strategy, _Compiled, _learner, _msl_weights, compiled_meta_grad
 from ._models import ConvNet, _mlp
 from ._report import Progress, _summaries, _warn, _write
 from ._snapshot import _check_data, _check_resume, _fingerprint, _load_checkpoint, _restore, _save
@@ -120,9 +120,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         torch.distributed.broadcast_object_list(chosen, src=0)
         strategy = chosen[0]
     learner = _learner(args, fm, model, tasks.loss, strategy)
-    if args.compile:
-        # compiled on first use; MAML++'s annealed step weights are a tensor input, no recompiles
-        learner.meta_grad = torch.compile(learner.meta_grad, backend=args.compile)
+    compiled = compiled_meta_grad(args.compile) if args.compile else None
     meta = learner.init()
     leaves = optree.tree_leaves(meta)
     outer = torch.optim.Adam(leaves, lr=args.outer_lr)
@@ -199,14 +197,17 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         try:
             for step in range(start + 1, args.steps + 1):
                 if args.algorithm == "mamlpp":  # anneal the multi-step loss over the first 25 %
-                    learner.step_weights = _msl_weights(
-                        args.inner_steps, step / (0.25 * args.steps)
+                    learner = learner.with_step_weights(
+                        _msl_weights(args.inner_steps, step / (0.25 * args.steps))
                     )
                 episode = tasks.sample("train", args.meta_batch, generator, device)
                 # one process: learner.meta_grad; under torchrun each process takes its share
                 # of the tasks and the task-weighted mean is all-reduced (metafunc.distributed)
                 grads, metrics = distributed.meta_grad(
-                    learner, meta, episode.support, episode.query
+                    learner if compiled is None else _Compiled(learner, compiled),
+                    meta,
+                    episode.support,
+                    episode.query,
                 )
                 grad_leaves = optree.tree_leaves(grads)
                 # the step's one host sync: the mean meta-loss and each gradient's largest

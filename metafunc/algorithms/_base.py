@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import get_interpreter_stack
 from torch.func import grad
 
-from .. import optim
 from .._functional import FunctionalModel
 from .._norms import under_vmap
 from .._rnn import exact_rnns, has_rnns
-from .._tree import close_matches
+from .._tree_math import grad_or_zeros
 from .._typing import Params, PyTree
 from .._vmap import vmap_tasks
-from ..optim import GradientTransformation
-from ..optim._base import apply_updates
 
-__all__ = ["MetaLearner", "resolve_loss"]
+__all__ = ["MetaLearner", "explain_frozen", "resolve_loss"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES: dict[str, LossFn] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+_T = TypeVar("_T")
 
 
 def resolve_loss(call: str, loss: str | LossFn) -> LossFn:
@@ -42,6 +39,27 @@ def resolve_loss(call: str, loss: str | LossFn) -> LossFn:
         f"{call}: expected loss to be one of {sorted(_LOSSES)} or a callable "
         f"loss(outputs, targets) -> scalar, got {loss!r}."
     )
+
+
+def explain_frozen(cls: type[_T]) -> type[_T]:
+    """``cls``, a frozen dataclass, whose refused assignments say how to make the changed copy.
+
+    Learners are plain values: the fields are the configuration, and a variant is
+    ``dataclasses.replace(learner, field=...)``, checked like a new learner."""
+    refuse = cls.__setattr__
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        try:
+            refuse(self, name, value)
+        except dataclasses.FrozenInstanceError:
+            raise dataclasses.FrozenInstanceError(
+                f"{type(self).__name__}.{name} = ...: learners are immutable (frozen "
+                f"dataclasses). Make a changed copy instead: learner = "
+                f"dataclasses.replace(learner, {name}=...)."
+            ) from None
+
+    setattr(cls, "__setattr__", __setattr__)  # noqa: B010 (a dataclass refuses it in the body)
+    return cls
 
 
 def _with_exact_rnns(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,110 +95,8 @@ def _unbatched_input(module: nn.Module) -> tuple[str, int, int, int] | None:
     return None
 
 
-def _check_positive_int(call: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{call}: expected {name} to be a positive int, got {value!r}.")
-
-
-def _check_param_names(call: str, what: str, names: Any, model: FunctionalModel) -> list[str]:
-    """``names`` (a list of the model's trainable param names), in the model's order."""
-    known = list(model.params)
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{call}: expected {what} to be a list of param names, got {names!r}.")
-    for n in names:
-        if n not in model.params:
-            raise ValueError(
-                f"{call}: {what} names {n!r}, which is not a trainable param of the model"
-                f"{close_matches(n, known)}. Params: {known}."
-            )
-    return [n for n in known if n in set(names)]
-
-
-def params_only(meta: Any, param_grads: Any) -> dict[str, Any]:
-    """A meta-gradient with ``param_grads`` under ``"params"`` and zeros for every other entry
-    of ``meta`` (for algorithms whose meta-gradient reaches the params only)."""
-    grads = {key: optree.tree_map(torch.zeros_like, value) for key, value in meta.items()}
-    grads["params"] = param_grads
-    return grads
-
-
-def _check_positive(call: str, name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < math.inf  # also rejects nan
-    ):
-        raise ValueError(f"{call}: expected {name} to be a positive finite number, got {value!r}.")
-
-
-def inner_optimizer(
-    call: str, inner_lr: float | None, inner_opt: Any, learn_lr: str | None = None
-) -> tuple[float, GradientTransformation]:
-    """``(inner_lr, optimizer)``: ``inner_opt``, or SGD at ``inner_lr`` (default 0.01).
-
-    Both at once is an error: the optimizer carries its own learning rate, and a silently
-    ignored ``inner_lr`` is a wrong experiment.
-    """
-    if inner_opt is None:
-        lr = 0.01 if inner_lr is None else inner_lr
-        _check_positive(call, "inner_lr", lr)
-        return float(lr), optim.sgd(lr=float(lr))
-    if not isinstance(inner_opt, GradientTransformation):
-        raise TypeError(
-            f"{call}: expected inner_opt to be a metafunc.optim optimizer (e.g. "
-            f"metafunc.optim.adam(lr=1e-2)), got {type(inner_opt).__name__}."
-        )
-    if inner_lr is not None or learn_lr is not None:
-        given = "inner_lr" if inner_lr is not None else f"learn_lr={learn_lr!r}"
-        raise ValueError(
-            f"{call}: inner_opt carries its own learning rate; drop {given} (learned rates "
-            "are SGD's: use learn_lr without inner_opt)."
-        )
-    return float("nan"), inner_opt
-
-
-def descend(
-    loss_fn: Callable[[Params, Any], torch.Tensor],
-    params: Params,
-    opt: GradientTransformation | list[GradientTransformation],
-    batch: Any,
-    steps: int,
-) -> Params:
-    """``params`` after ``steps`` steps of ``opt`` (or a list with one optimizer per step) on
-    ``loss_fn(params, batch)``, detached: adaptation for evaluation, with no graph to keep.
-
-    The values of :func:`~metafunc.inner_loop`'s steps, without its graph: in a per-task loop the
-    gradients are taken by ``torch.autograd.grad`` without ``create_graph``, so nothing of the
-    backward pass is recorded (``torch.func.grad`` always records it, for a second order); under
-    ``vmap``, where ``torch.autograd.grad`` cannot run, and under ``torch.compile``, by
-    ``torch.func.grad``, whose graph stays inside the transform. A param with no gradient path
-    gets a zero gradient (as under ``torch.func.grad``; ``inner_loop`` would raise).
-    """
-    opts = opt if isinstance(opt, list) else [opt] * steps
-    params = {k: v.detach() for k, v in params.items()}
-    state = opts[0].init(params)
-    for t in range(steps):
-        # under vmap (or another transform), and for dynamo, which traces torch.func.grad
-        if torch.compiler.is_compiling() or get_interpreter_stack():
-            grads = grad(loss_fn)(params, batch)
-        else:
-            free = {k: v.detach().requires_grad_() for k, v in params.items()}
-            with torch.enable_grad():
-                loss = loss_fn(free, batch)
-                found = (
-                    torch.autograd.grad(loss, list(free.values()), allow_unused=True)
-                    if loss.requires_grad
-                    else (None,) * len(free)
-                )
-            grads = {
-                k: torch.zeros_like(v) if g is None else g
-                for (k, v), g in zip(params.items(), found)
-            }
-        updates, state = opts[t].update(grads, state, params)
-        params = {k: v.detach() for k, v in apply_updates(params, updates).items()}
-    return params
-
-
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class MetaLearner:
     """Base class: a model, a task loss, and a meta-objective over a batch of tasks.
 
@@ -194,35 +110,57 @@ class MetaLearner:
     one example for it (``(in_features,)``, ``(in_channels, *spatial)``, ``(time,
     input_size)``), the meta-batch is refused with a ``ValueError``. Models with recurrent
     layers run exactly under vmap (see ``metafunc._rnn``).
+
+    Learners are immutable (frozen dataclasses): the fields are the constructor's arguments,
+    and a variant is a copy, ``dataclasses.replace(learner, steps=3)``, checked like a new one.
+
+    Args:
+        model: the :class:`~metafunc.FunctionalModel`; ``init()`` uses its own parameters.
+        loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets) -> scalar``.
+        strategy: how tasks are batched, as in :func:`~metafunc.vmap_tasks`.
     """
 
-    name = "meta-learner"
+    name: ClassVar[str] = "meta-learner"
 
-    def __init__(
-        self,
-        model: FunctionalModel,
-        loss: str | LossFn = "mse",
-        *,
-        strategy: str = "auto",
-    ) -> None:
+    model: FunctionalModel
+    loss: str | LossFn = "mse"
+    _: dataclasses.KW_ONLY
+    strategy: str = "auto"
+    # derived from the fields in __post_init__: not arguments, not compared
+    classification: bool = dataclasses.field(init=False, repr=False, compare=False)
+    _loss_fn: LossFn = dataclasses.field(init=False, repr=False, compare=False)
+    _rnns: bool = dataclasses.field(init=False, repr=False, compare=False)
+    _unbatched: tuple[str, int, int, int] | None = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    _maps: dict[str, Any] = dataclasses.field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
         call = f"{type(self).__name__}(model, ...)"
-        if not isinstance(model, FunctionalModel):
+        if not isinstance(self.model, FunctionalModel):
             raise TypeError(
-                f"{call}: expected a metafunc.FunctionalModel, got {type(model).__name__}. Wrap "
-                "a module with metafunc.functionalize(module)."
+                f"{call}: expected a metafunc.FunctionalModel, got {type(self.model).__name__}. "
+                "Wrap a module with metafunc.functionalize(module)."
             )
-        self.model = model
-        self.loss = resolve_loss(call, loss)
-        self.classification = self.loss is F.cross_entropy
-        self.strategy = strategy
-        self._rnns = has_rnns(model._skeleton)
-        self._unbatched = _unbatched_input(model._skeleton)
-        self._maps: dict[str, Any] = {}
+        loss_fn = resolve_loss(call, self.loss)
+        self._derive(
+            _loss_fn=loss_fn,
+            classification=loss_fn is F.cross_entropy,
+            _rnns=has_rnns(self.model._skeleton),
+            _unbatched=_unbatched_input(self.model._skeleton),
+        )
         # made now, not on first use: a compiled meta_grad would see the dict change and compile
         # a second time
         self._map("task_loss", self.task_loss)
 
-    # ------------------------------------------------------------------ to be provided
+    def _derive(self, **values: Any) -> None:
+        """Sets fields derived from the arguments (or normalised arguments), in
+        ``__post_init__`` only: the one place a frozen learner is written."""
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
     def init(self) -> dict[str, PyTree]:
         """The initial meta-parameters: ``{"params": model.params}`` (the module's own)."""
         return {"params": dict(self.model.params)}
@@ -235,19 +173,18 @@ class MetaLearner:
         """The task-adapted params for evaluation (no meta-gradient)."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared
     def data_loss(self, params: Params, batch: Batch) -> torch.Tensor:
         x, y = batch
         return self._loss(self.model(params, x), y)
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss is F.mse_loss and out.shape != y.shape:  # it would broadcast, silently
+        if self._loss_fn is F.mse_loss and out.shape != y.shape:  # it would broadcast, silently
             raise ValueError(
                 f"{type(self).__name__}: the model's outputs have shape {tuple(out.shape)} per "
                 f"task and the targets {tuple(y.shape)}; mse would broadcast them. Give the "
                 "targets the outputs' shape (e.g. y.unsqueeze(-1))."
             )
-        return self.loss(out, y)
+        return self._loss_fn(out, y)
 
     def _meta_keys(self) -> set[str]:
         """The top-level keys of :meth:`init`'s meta-parameters."""
@@ -365,7 +302,7 @@ class MetaLearner:
         ``meta`` the loss does not use get zero gradients. Under ``torch.compile`` it is taken by
         ``torch.func.grad``, which dynamo traces (``torch.autograd.grad`` would be a graph
         break), so ``torch.compile(learner.meta_grad)`` is one graph for the MAML family with a
-        fixed ``strategy``; eagerly by ``torch.autograd.grad``, about 20 % faster there (no
+        fixed ``strategy``; eagerly by ``torch.autograd.grad``, which is faster there (no
         functorch level around the whole inner loop). Both give the same numbers (tested).
         """
         self._check_meta_batch("meta_grad", meta, support, query)
@@ -379,13 +316,7 @@ class MetaLearner:
             with torch.no_grad():
                 grads, metrics = grad(mean_loss, has_aux=True)(meta)
         else:
-            leaves, spec = optree.tree_flatten(meta)
-            free = [x.detach().requires_grad_() for x in leaves]
-            with torch.enable_grad():
-                loss, metrics = mean_loss(optree.tree_unflatten(spec, free))
-                found = torch.autograd.grad(loss, free, allow_unused=True)
-            zeros = [torch.zeros_like(x) if g is None else g for x, g in zip(free, found)]
-            grads = optree.tree_unflatten(spec, zeros)
+            grads, (_, metrics) = grad_or_zeros(mean_loss, meta, has_aux=True)
         return grads, {k: v.detach() for k, v in metrics.items()}
 
     def evaluate(self, meta: Any, support: Batch, query: Batch) -> dict[str, torch.Tensor]:

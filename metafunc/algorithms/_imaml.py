@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
-from .. import optim
+from .. import _checks, optim
 from .._typing import Params
 from ..implicit import imaml, solve_cg
 from ..implicit._root import _check_common
-from ._base import Batch, LossFn, MetaLearner, _check_positive, _check_positive_int
+from ..optim import GradientTransformation
+from ._base import Batch, MetaLearner, explain_frozen
 
 __all__ = ["IMAML"]
 
 
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class IMAML(MetaLearner):
     """Implicit MAML (Rajeswaran et al. 2019): proximal inner problem, implicit meta-gradient.
 
@@ -24,38 +28,36 @@ class IMAML(MetaLearner):
     whose inner problem ``steps`` did not solve (or whose CG did not converge) warns.
     """
 
-    name = "imaml"
+    name: ClassVar[str] = "imaml"
 
-    def __init__(
-        self,
-        model,
-        loss: str | LossFn = "mse",
-        *,
-        inner_lr: float = 0.01,
-        steps: int = 10,
-        lam: float = 1.0,
-        solve: Callable[..., Any] | None = None,
-        if_not_converged: str = "warn",
-        tol: float = 1e-3,
-        atol: float = 0.0,
-        strategy: str = "auto",
-    ) -> None:
-        super().__init__(model, loss, strategy=strategy)
+    _: dataclasses.KW_ONLY
+    inner_lr: float = 0.01
+    steps: int = 10
+    lam: float = 1.0
+    solve: Callable[..., Any] | None = None
+    if_not_converged: str = "warn"
+    tol: float = 1e-3
+    atol: float = 0.0
+    _opt: GradientTransformation = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         call = "IMAML(model, ...)"
-        _check_positive(call, "inner_lr", inner_lr)
-        _check_positive(call, "lam", lam)
-        _check_positive_int(call, "steps", steps)
+        _checks.positive_finite(call, "inner_lr", self.inner_lr)
+        _checks.positive_finite(call, "lam", self.lam)
+        _checks.positive_int(call, "steps", self.steps)
         # the solver and policy are checked now, not at the first meta_grad
-        _check_common(call, self.data_loss, solve or solve_cg, if_not_converged, None, tol, atol)
-        self.inner_opt = optim.sgd(lr=inner_lr)
-        self.steps, self.lam, self.solve = steps, float(lam), solve
-        self.if_not_converged, self.tol, self.atol = if_not_converged, tol, atol
+        _check_common(
+            call, self.data_loss, self.solve or solve_cg, self.if_not_converged, None,
+            self.tol, self.atol,
+        )  # fmt: skip
+        self._derive(lam=float(self.lam), _opt=optim.sgd(lr=self.inner_lr))
 
     def _solve(self, params, support: Batch):
         return imaml(
             self.data_loss,
             params,
-            self.inner_opt,
+            self._opt,
             support,
             lam=self.lam,
             steps=self.steps,

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 import optree
 import torch
 from torch.func import grad_and_value
 
+from .. import _checks
 from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation, apply_updates
-from ._base import (
-    Batch,
-    LossFn,
-    MetaLearner,
-    _check_positive_int,
-    descend,
-    inner_optimizer,
-    params_only,
-)
+from ._base import Batch, MetaLearner, explain_frozen
+from ._descend import descend, inner_optimizer, params_only
 
 __all__ = ["Leap"]
 
@@ -46,6 +41,8 @@ def path_gradient(points, metric: str) -> Params:
     return total
 
 
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class Leap(MetaLearner):
     """Leap: the meta-objective is the length of each task's path on the loss surface.
 
@@ -59,42 +56,38 @@ class Leap(MetaLearner):
     f(theta_{i+1}) - f(theta_i)``. Needs first derivatives only.
     """
 
-    name = "leap"
+    name: ClassVar[str] = "leap"
 
-    def __init__(
-        self,
-        model,
-        loss: str | LossFn = "mse",
-        *,
-        inner_lr: float | None = None,
-        steps: int = 5,
-        inner_opt: GradientTransformation | None = None,
-        metric: str = "length",
-        strategy: str = "auto",
-    ) -> None:
-        super().__init__(model, loss, strategy=strategy)
+    _: dataclasses.KW_ONLY
+    inner_lr: float | None = None
+    steps: int = 5
+    inner_opt: GradientTransformation | None = None
+    metric: str = "length"
+    _opt: GradientTransformation = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         call = "Leap(model, ...)"
-        _check_positive_int(call, "steps", steps)
-        if metric not in _METRICS:
-            raise ValueError(f"{call}: expected metric in {_METRICS}, got {metric!r}.")
-        self.steps, self.metric = steps, metric
-        _, self.inner_opt = inner_optimizer(call, inner_lr, inner_opt)
+        _checks.positive_int(call, "steps", self.steps)
+        _checks.one_of(call, "metric", self.metric, _METRICS)
+        inner_lr, opt = inner_optimizer(call, self.inner_lr, self.inner_opt)
+        self._derive(inner_lr=inner_lr, _opt=opt)
 
     def trajectory(self, params: Params, support: Batch):
         """``(params_i, f_i, grad_i)`` for ``i = 0..steps`` (no grad at the last point)."""
         p = stop_gradient(dict(params))
-        state = self.inner_opt.init(p)
+        state = self._opt.init(p)
         points = []
         for _ in range(self.steps):
             g, f = grad_and_value(self.data_loss)(p, support)
             points.append((p, f.detach(), g))
-            updates, state = self.inner_opt.update(g, state, p)
+            updates, state = self._opt.update(g, state, p)
             p = apply_updates(p, updates)
         points.append((p, self.data_loss(p, support).detach(), None))
         return points
 
     def adapt(self, meta, support: Batch) -> Params:
-        return descend(self.data_loss, meta["params"], self.inner_opt, support, self.steps)
+        return descend(self.data_loss, meta["params"], self._opt, support, self.steps)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
         self._check_meta_batch("meta_grad", meta, support, query)

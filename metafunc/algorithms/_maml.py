@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+import warnings
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 
-from .. import optim
+from .. import _checks
 from .._inner import inner_loop, stop_gradient
 from .._typing import Params, PyTree
-from ._base import (
-    Batch,
-    LossFn,
-    MetaLearner,
-    _check_param_names,
-    _check_positive_int,
-    descend,
-    inner_optimizer,
-)
+from ..optim import GradientTransformation
+from . import _learner_checks
+from ._base import Batch, MetaLearner, explain_frozen
+from ._descend import descend, inner_optimizer
+from ._learned_lr import LearnedLR, learned_lr
 
 __all__ = ["MAML"]
 
-_LEARN_LR = (None, "per_param", "per_layer_per_step")
 
-
-def _check_step_weights(call: str, weights: Sequence[float] | None, steps: int):
-    """``steps`` non-negative floats, at least one positive (else there is no meta-loss)."""
-    if weights is None:
-        return None
-    weights = [float(w) for w in weights]
-    if (
-        len(weights) != steps
-        or not all(0 <= w < math.inf for w in weights)  # also rejects nan
-        or not any(w > 0 for w in weights)
-    ):
-        raise ValueError(
-            f"{call}: expected step_weights to be {steps} finite non-negative numbers (one per "
-            f"inner step), at least one positive; got {weights!r}."
-        )
-    return weights
-
-
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class MAML(MetaLearner):
     """Model-agnostic meta-learning (Finn et al. 2017) and its variants.
 
@@ -54,83 +35,84 @@ class MAML(MetaLearner):
         model: the :class:`~metafunc.FunctionalModel`; ``init()`` uses its own parameters.
         loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
         inner_lr: the inner SGD learning rate (the initial value when it is learned); default
-            0.01.
+            0.01. ``None`` on a learner with ``inner_opt``.
         inner_opt: another inner optimizer, a :mod:`metafunc.optim` one such as
-            ``optim.adam(lr=1e-2)`` (its state starts afresh for every task); its own learning
-            rate replaces ``inner_lr``. Not with ``learn_lr``, which learns SGD's rates.
+            ``optim.adam(lr=1e-2)`` (its state starts afresh for every task); it carries its
+            own learning rate, so not with ``inner_lr``, nor with ``learn_lr``, which learns
+            SGD's rates.
         steps: inner steps per task.
         first_order: first-order MAML.
-        adapt: names of the params adapted in the inner loop (default all). ANIL (Raghu et al.
-            2020) adapts the head only: ``adapt=["head.weight", "head.bias"]``.
-        learn_lr: ``"per_param"``: Meta-SGD (Li et al. 2017), a learned learning rate for every
-            entry of every adapted param, in ``meta["lr"]``; ``"per_layer_per_step"``: MAML++
-            (Antoniou et al. 2019), one learned rate per adapted tensor and step.
+        adapted: names of the params adapted in the inner loop (default all; kept in the
+            model's order). ANIL (Raghu et al. 2020) adapts the head only:
+            ``adapted=["head.weight", "head.bias"]``. (Formerly ``adapt``, which still works
+            for one release with a ``DeprecationWarning``.)
+        learn_lr: learned inner learning rates, in ``meta["lr"]``: :class:`PerParamLR` for
+            Meta-SGD (Li et al. 2017), a rate for every entry of every adapted param;
+            :class:`PerStepLR` for MAML++ (Antoniou et al. 2019), one rate per adapted tensor
+            and step. (The strings ``"per_param"`` and ``"per_layer_per_step"`` still work for
+            one release with a ``DeprecationWarning``.)
         step_weights: MAML++'s multi-step loss: the query loss is ``sum_t w_t L(params_t)`` over
-            the steps ``t = 1..steps`` (MAML++ anneals them towards the last step; build a new
-            learner with new weights, :meth:`with_step_weights`).
+            the steps ``t = 1..steps`` (MAML++ anneals them towards the last step: a learner
+            with new weights is :meth:`with_step_weights`).
         strategy: how tasks are batched, as in :func:`~metafunc.vmap_tasks`.
+
+    Example:
+        >>> import torch, metafunc
+        >>> from metafunc.algorithms import MAML, PerStepLR
+        >>> fm = metafunc.functionalize(torch.nn.Linear(2, 1))
+        >>> mamlpp = MAML(fm, steps=2, learn_lr=PerStepLR(), step_weights=[0.5, 0.5])
+        >>> mamlpp.with_step_weights([0.0, 1.0]).step_weights
+        (0.0, 1.0)
     """
 
-    name = "maml"
+    name: ClassVar[str] = "maml"
 
-    def __init__(
-        self,
-        model,
-        loss: str | LossFn = "mse",
-        *,
-        inner_lr: float | None = None,
-        inner_opt: optim.GradientTransformation | None = None,
-        steps: int = 1,
-        first_order: bool = False,
-        adapt: Collection[str] | None = None,
-        learn_lr: str | None = None,
-        step_weights: Sequence[float] | None = None,
-        strategy: str = "auto",
-    ) -> None:
-        super().__init__(model, loss, strategy=strategy)
+    _: dataclasses.KW_ONLY
+    inner_lr: float | None = None
+    inner_opt: GradientTransformation | None = None
+    steps: int = 1
+    first_order: bool = False
+    adapted: Collection[str] | None = None
+    learn_lr: LearnedLR | None = None
+    step_weights: Sequence[float] | None = None
+    # the inner optimizer (inner_opt, or SGD at inner_lr) and the step weights as a tensor, so
+    # a torch.compile-d meta-step reads them as an input
+    _opt: GradientTransformation = dataclasses.field(init=False, repr=False, compare=False)
+    _step_weights: torch.Tensor | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         call = f"{type(self).__name__}(model, ...)"
-        inner_lr, inner_opt = inner_optimizer(call, inner_lr, inner_opt, learn_lr)
-        _check_positive_int(call, "steps", steps)
-        if not isinstance(first_order, bool):
-            raise TypeError(f"{call}: expected first_order to be a bool, got {first_order!r}.")
-        if learn_lr not in _LEARN_LR:
-            raise ValueError(f"{call}: expected learn_lr in {_LEARN_LR}, got {learn_lr!r}.")
-        names = list(model.params)
-        adapt = names if adapt is None else _check_param_names(call, "adapt", adapt, model)
-        if not adapt:
-            raise ValueError(f"{call}: adapt is empty; name at least one param to adapt.")
-        self.inner_lr, self.steps, self.first_order = inner_lr, steps, bool(first_order)
-        self.inner_opt = inner_opt  # SGD at inner_lr unless given; learned rates build their own
-        self.adapted = [n for n in names if n in set(adapt)]
-        self.learn_lr = learn_lr
-        self._set_step_weights(call, step_weights)
-
-    @property
-    def step_weights(self) -> list[float] | None:
-        """MAML++'s multi-step-loss weights, one per inner step (``None``: the last step only).
-
-        Assigning new weights (MAML++'s annealing) checks them. They are kept as a tensor, so a
-        ``torch.compile``-d meta-step reads them as an input and does not recompile when they
-        change.
-        """
-        return None if self._step_weights is None else self._step_weights.tolist()
-
-    @step_weights.setter
-    def step_weights(self, weights: Sequence[float] | None) -> None:
-        self._set_step_weights(f"{type(self).__name__}.step_weights", weights)
-
-    def _set_step_weights(self, call: str, weights: Sequence[float] | None) -> None:
-        checked = _check_step_weights(call, weights, self.steps)
-        self._step_weights = None if checked is None else torch.tensor(checked, dtype=torch.float64)
+        learn_lr = learned_lr(call, self.learn_lr)
+        inner_lr, opt = inner_optimizer(call, self.inner_lr, self.inner_opt, learn_lr)
+        _checks.positive_int(call, "steps", self.steps)
+        _checks.boolean(call, "first_order", self.first_order)
+        adapted = (
+            tuple(self.model.params)
+            if self.adapted is None
+            else _learner_checks.param_names(call, "adapted", self.adapted, self.model)
+        )
+        if not adapted:
+            raise ValueError(f"{call}: adapted is empty; name at least one param to adapt.")
+        weights = _learner_checks.step_weights(call, self.step_weights, self.steps)
+        self._derive(
+            inner_lr=inner_lr,
+            learn_lr=learn_lr,
+            adapted=adapted,
+            step_weights=weights,
+            _opt=opt,
+            _step_weights=None if weights is None else torch.tensor(weights, dtype=torch.float64),
+        )
 
     def with_step_weights(self, step_weights: Sequence[float] | None) -> MAML:
-        """A copy with other multi-step-loss weights (MAML++'s annealing)."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._maps = {}
-        new._map("task_loss", new.task_loss)
-        new._set_step_weights("MAML.with_step_weights", step_weights)
-        return new
+        """A copy with other multi-step-loss weights (MAML++'s annealing), checked as in the
+        constructor: ``dataclasses.replace(self, step_weights=step_weights)``."""
+        return dataclasses.replace(self, step_weights=step_weights)
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        """``adapted``, which ``__post_init__`` has made a tuple of names."""
+        return cast(tuple[str, ...], self.adapted)
 
     def _meta_keys(self) -> set[str]:
         return {"params", "lr"} if self.learn_lr is not None else {"params"}
@@ -140,8 +122,8 @@ class MAML(MetaLearner):
         if self.learn_lr is None:
             return call
         lr = meta["lr"]
-        for k in self.adapted:
-            want = tuple(meta["params"][k].shape) if self.learn_lr == "per_param" else (self.steps,)
+        for k in self._names:
+            want = self.learn_lr.shape(meta["params"][k], self.steps)
             got = tuple(lr[k].shape) if isinstance(lr, Mapping) and k in lr else None
             if got != want:
                 raise ValueError(
@@ -155,34 +137,18 @@ class MAML(MetaLearner):
         """``{"params": model.params}``, plus ``{"lr": ...}`` when learning rates are learned."""
         params = dict(self.model.params)
         meta: dict[str, PyTree] = {"params": params}
-        if self.learn_lr == "per_param":
-            meta["lr"] = {
-                k: torch.full_like(params[k].detach(), self.inner_lr).requires_grad_()
-                for k in self.adapted
-            }
-        elif self.learn_lr == "per_layer_per_step":
-            meta["lr"] = {
-                k: torch.full(
-                    (self.steps,),
-                    self.inner_lr,
-                    dtype=params[k].dtype,
-                    device=params[k].device,
-                    requires_grad=True,
-                )
-                for k in self.adapted
-            }
+        if self.learn_lr is not None:
+            assert self.inner_lr is not None  # learned rates exclude inner_opt
+            meta["lr"] = self.learn_lr.init(params, self._names, self.inner_lr, self.steps)
         return meta
 
     def _opts(self, meta: Mapping[str, Any]):
         if self.learn_lr is None:
-            return self.inner_opt
-        lr = meta["lr"]
-        if self.learn_lr == "per_param":
-            return optim.sgd(lr=dict(lr))
-        return [optim.sgd(lr={k: lr[k][t] for k in self.adapted}) for t in range(self.steps)]
+            return self._opt
+        return self.learn_lr.optimizers(meta["lr"], self._names, self.steps)
 
     def _split(self, params: Params) -> tuple[Params, Params]:
-        fast = {k: params[k] for k in self.adapted}
+        fast = {k: params[k] for k in self._names}
         rest = {k: v for k, v in params.items() if k not in fast}
         return fast, rest
 
@@ -225,3 +191,34 @@ class MAML(MetaLearner):
             return self.data_loss({**rest, **p}, batch)
 
         return {**rest, **descend(inner, fast, self._opts(meta), support, self.steps)}
+
+
+def _accept_old_spellings(init: Any) -> Any:
+    """MAML's constructor, also taking for one release the old ``adapt=`` keyword and the old
+    ``learn_lr`` strings, each with a ``DeprecationWarning`` naming the new spelling."""
+
+    @functools.wraps(init)
+    def __init__(self: MAML, *args: Any, **kwargs: Any) -> None:
+        call = f"{type(self).__name__}(model, ...)"
+        if "adapt" in kwargs:
+            if "adapted" in kwargs:
+                raise TypeError(
+                    f"{call}: got adapt= and adapted=; adapt is the old name of adapted. Pass "
+                    "adapted only."
+                )
+            warnings.warn(
+                f"{call}: the adapt= argument is renamed adapted= (adapt() is the method that "
+                "adapts to a task); pass adapted=[...], same meaning. adapt= will be removed "
+                "in the next release.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs["adapted"] = kwargs.pop("adapt")
+        if isinstance(kwargs.get("learn_lr"), str):
+            kwargs["learn_lr"] = learned_lr(call, kwargs["learn_lr"])
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+setattr(MAML, "__init__", _accept_old_spellings(MAML.__init__))  # noqa: B010

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import optree
 
+from .. import _checks
 from .._inner import stop_gradient
 from .._typing import Params
 from ..optim._base import GradientTransformation
-from ._base import (
-    Batch,
-    LossFn,
-    MetaLearner,
-    _check_positive_int,
-    descend,
-    inner_optimizer,
-    params_only,
-)
+from ._base import Batch, MetaLearner, explain_frozen
+from ._descend import descend, inner_optimizer, params_only
 
 __all__ = ["Reptile"]
 
 
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class Reptile(MetaLearner):
     """Reptile: the meta-gradient of a task is ``theta - phi``, ``phi`` after ``steps`` inner steps.
 
@@ -28,30 +27,28 @@ class Reptile(MetaLearner):
     second derivatives and no graph through the inner loop. Tasks adapt on their support set.
 
     Args:
-        inner_lr: the inner SGD learning rate (default 0.01).
+        inner_lr: the inner SGD learning rate (default 0.01; ``None`` with ``inner_opt``).
         inner_opt: another inner optimizer (the paper uses Adam); it carries its own learning
             rate, so not with ``inner_lr``.
     """
 
-    name = "reptile"
+    name: ClassVar[str] = "reptile"
 
-    def __init__(
-        self,
-        model,
-        loss: str | LossFn = "mse",
-        *,
-        inner_lr: float | None = None,
-        steps: int = 5,
-        inner_opt: GradientTransformation | None = None,
-        strategy: str = "auto",
-    ) -> None:
-        super().__init__(model, loss, strategy=strategy)
-        _check_positive_int("Reptile(model, ...)", "steps", steps)
-        self.steps = steps
-        _, self.inner_opt = inner_optimizer("Reptile(model, ...)", inner_lr, inner_opt)
+    _: dataclasses.KW_ONLY
+    inner_lr: float | None = None
+    steps: int = 5
+    inner_opt: GradientTransformation | None = None
+    _opt: GradientTransformation = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        call = "Reptile(model, ...)"
+        _checks.positive_int(call, "steps", self.steps)
+        inner_lr, opt = inner_optimizer(call, self.inner_lr, self.inner_opt)
+        self._derive(inner_lr=inner_lr, _opt=opt)
 
     def adapt(self, meta, support: Batch) -> Params:
-        return descend(self.data_loss, meta["params"], self.inner_opt, support, self.steps)
+        return descend(self.data_loss, meta["params"], self._opt, support, self.steps)
 
     def meta_grad(self, meta, support: Batch, query: Batch):
         self._check_meta_batch("meta_grad", meta, support, query)

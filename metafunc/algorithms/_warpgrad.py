@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Collection
-from typing import Any
+from typing import Any, ClassVar
 
 import optree
 import torch
 from torch.func import grad, grad_and_value
 
-from .. import optim
+from .. import _checks, optim
 from .._inner import stop_gradient
 from .._typing import Params
 from .._vmap import stack_tasks
-from ._base import (
-    Batch,
-    LossFn,
-    MetaLearner,
-    _check_param_names,
-    _check_positive,
-    _check_positive_int,
-    descend,
-    params_only,
-)
+from . import _learner_checks
+from ._base import Batch, MetaLearner, explain_frozen
+from ._descend import descend, params_only
 from ._leap import path_gradient
 
 __all__ = ["WarpGrad"]
 
 
+@explain_frozen
+@dataclasses.dataclass(frozen=True)
 class WarpGrad(MetaLearner):
     """Warped gradient descent: meta-learned warp layers precondition the task layers' updates.
 
@@ -48,44 +44,51 @@ class WarpGrad(MetaLearner):
 
     The replay buffer is state (the one piece of state in metafunc's algorithms): ``buffer``
     holds it and :meth:`state_dict` / :meth:`load_state_dict` save and restore it with a
-    training checkpoint. Sampling uses its own seeded generator.
+    training checkpoint. Sampling uses its own seeded generator. The learner is otherwise a
+    frozen value; ``dataclasses.replace`` makes a copy with an empty buffer and a fresh
+    generator.
     """
 
-    name = "warpgrad"
+    name: ClassVar[str] = "warpgrad"
 
-    def __init__(
-        self,
-        model,
-        loss: str | LossFn = "mse",
-        *,
-        warp: Collection[str],
-        inner_lr: float = 0.01,
-        steps: int = 5,
-        buffer_size: int = 1000,
-        replay: int = 32,
-        leap_init: bool = True,
-        seed: int = 0,
-        strategy: str = "auto",
-    ) -> None:
-        super().__init__(model, loss, strategy=strategy)
+    _: dataclasses.KW_ONLY
+    warp: Collection[str]
+    inner_lr: float = 0.01
+    steps: int = 5
+    buffer_size: int = 1000
+    replay: int = 32
+    leap_init: bool = True
+    seed: int = 0
+    # the task params (those not in warp), and the state: the replay buffer and its sampler
+    task: tuple[str, ...] = dataclasses.field(init=False, compare=False)
+    buffer: deque[tuple[Params, Batch, Batch]] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    _generator: torch.Generator = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         call = "WarpGrad(model, ..., warp=...)"
-        _check_positive(call, "inner_lr", inner_lr)
-        for name, value in (("steps", steps), ("buffer_size", buffer_size), ("replay", replay)):
-            _check_positive_int(call, name, value)
-        names = list(model.params)
-        self.warp = _check_param_names(call, "warp", warp, model)
-        self.task = [n for n in names if n not in set(warp)]
-        if not self.warp or not self.task:
+        _checks.positive_finite(call, "inner_lr", self.inner_lr)
+        _checks.positive_int(call, "steps", self.steps)
+        _checks.positive_int(call, "buffer_size", self.buffer_size)
+        _checks.positive_int(call, "replay", self.replay)
+        warp = _learner_checks.param_names(call, "warp", self.warp, self.model)
+        task = tuple(n for n in self.model.params if n not in set(warp))
+        if not warp or not task:
             raise ValueError(
-                f"{call}: WarpGrad needs both warp params and task params; got warp={self.warp} "
-                f"and task={self.task}."
+                f"{call}: WarpGrad needs both warp params and task params; got warp={list(warp)} "
+                f"and task={list(task)}."
             )
-        self.inner_lr, self.steps = float(inner_lr), steps
-        self.replay, self.leap_init = replay, bool(leap_init)
-        self.buffer: deque[tuple[Params, Batch, Batch]] = deque(maxlen=buffer_size)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._derive(
+            warp=warp,
+            task=task,
+            inner_lr=float(self.inner_lr),
+            leap_init=bool(self.leap_init),
+            buffer=deque(maxlen=self.buffer_size),
+            _generator=torch.Generator().manual_seed(self.seed),
+        )
 
-    # --------------------------------------------------------------------------- inner loop
     def _task_loss(self, task_params: Params, warp: Params, batch: Batch) -> torch.Tensor:
         return self.data_loss({**warp, **task_params}, batch)
 
@@ -114,7 +117,6 @@ class WarpGrad(MetaLearner):
         sgd = optim.sgd(lr=self.inner_lr)
         return {**warp, **descend(inner, theta, sgd, support, self.steps)}
 
-    # --------------------------------------------------------------------------- meta-gradient
     def _collect(self, meta: Any, support: Batch, query: Batch):
         def one(meta, support, query):
             points = self._trajectory(meta, support)
