@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import pytest
@@ -315,6 +316,42 @@ def test_every_stateful_transform_checks_its_state_type(opt, name, expected):
     opt.update(_grads(), opt.init(P), P)  # its own state still works
 
 
+def test_the_state_error_names_its_fields_and_each_wrapper_prepends_its_position():
+    """Was a positional 5-tuple ``e.info`` whose position string each wrapper rewrote."""
+    mask = {"w": True, "b": False}
+    opt = mo.chain(mo.clip_by_global_norm(1.0), mo.masked(mo.adam(), mask))
+    state = mo.chain(mo.clip_by_global_norm(1.0), mo.masked(mo.sgd(momentum=0.9), mask)).init(P)
+    with pytest.raises(TypeError) as caught:
+        opt.update(_grads(), state, P)
+    e = caught.value
+    assert (e.call, e.owner, e.named, e.expected, e.seen, e.path) == (
+        "chain(...).update",
+        "adam",
+        True,
+        "ScaleByAdamState",
+        "TraceState",
+        (1, "inner_state", 0),
+    )
+    where = " at state[1].inner_state[0], where adam keeps"
+    assert re.match(_state_error(e.call, e.seen, where, e.expected), str(e))
+    copy = pickle.loads(pickle.dumps(e))  # e.g. from a worker process
+    assert type(copy) is type(e) and str(copy) == str(e) and copy.path == e.path
+
+
+def test_every_state_field_must_have_the_updates_structure():
+    """Only the first field (``mu``) was compared with the updates; the others were zipped with
+    them by position, so a second moment of another structure was used silently."""
+    opt = mo.scale_by_adam()
+    state = opt.init(P)
+    for nu in ((state.nu["b"], state.nu["w"]), {"x": state.nu["b"], "y": state.nu["w"]}):
+        with pytest.raises(
+            ValueError,
+            match=r"scale_by_adam.update: expected state.nu to have the same structure and shapes "
+            r"as updates, but leaves in updates but not in state.nu: \['b'\], \['w'\]",
+        ):
+            opt.update(_grads(), state._replace(nu=nu), P)
+
+
 def test_chain_rejects_a_single_transforms_state():
     """A NamedTuple of the right length is not a chain's state (sgd keeps one EmptyState)."""
     state = mo.masked(mo.sgd(lr=0.1), {"w": True, "b": True}).init(P)
@@ -372,3 +409,21 @@ def test_per_parameter_shape_checked_for_other_hyperparameters_and_in_update():
     lr = {"w": torch.full((3,), 0.1), "b": torch.tensor(0.1)}
     with pytest.raises(ValueError, match=r"scale_by_learning_rate.update: lr\['w'\] has shape"):
         mo.scale_by_learning_rate(lr).update(_grads(), mo.EmptyState(), P)
+
+
+# ---------------------------------------------------------------------- the public names
+@pytest.mark.parametrize("name", ["safe_sqrt", "MaskedNode", "MaskedState"])
+def test_implementation_names_are_not_exported_and_their_error_says_where_they_went(name):
+    assert name not in mo.__all__
+    assert name not in dir(mo)
+    with pytest.raises(
+        AttributeError,
+        match=rf"^metafunc\.optim\.{name} was removed from the public API: it is .* it is "
+        rf"private now \(metafunc\.optim\._\w+\.{name}, which may change\)\.",
+    ):
+        getattr(mo, name)
+
+
+def test_an_unknown_name_is_the_usual_attribute_error():
+    with pytest.raises(AttributeError, match=r"^module 'metafunc.optim' has no attribute 'adamm'$"):
+        mo.adamm  # noqa: B018

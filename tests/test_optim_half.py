@@ -7,6 +7,8 @@ and ``torch.optim`` in float64.
 
 from __future__ import annotations
 
+import pickle
+
 import optree
 import pytest
 import torch
@@ -239,6 +241,25 @@ def test_an_overflowing_hyperparameter_of_a_plain_transform_names_the_transform(
     opt = mo.chain(mo.scale_by_adam(), mo.scale(1e39))
     with pytest.raises(ValueError, match=r"^scale\.update: step_size=1e\+39 overflows"):
         opt.update({"w": torch.ones(2)}, opt.init(params), params)
+
+
+def test_the_overflow_error_keeps_its_fields_and_pickles():
+    """It pickled as its message only, and unpickling called it with one argument of five (a
+    TypeError in the process that received it)."""
+    params = {"w": torch.ones(2, dtype=torch.float16)}
+    opt = mo.sgd(lr=1e5)
+    with pytest.raises(ValueError) as caught:
+        opt.update({"w": torch.ones(2, dtype=torch.float16)}, opt.init(params), params)
+    e = caught.value
+    assert (e.call, e.name, e.value, e.dtype, e.key) == (
+        "sgd(...).update",
+        "lr",
+        1e5,
+        torch.float16,
+        "['w']",
+    )
+    copy = pickle.loads(pickle.dumps(e))
+    assert type(copy) is type(e) and str(copy) == str(e)
 
 
 def test_overflow_check_runs_under_vmap_without_reading_tensors():

@@ -15,39 +15,35 @@ A Python-number hyperparameter larger than a params leaf's dtype can hold (``lr=
 params) raises a ``ValueError`` in ``init`` or ``update``; tensor hyperparameters are not read.
 """
 
-from ._adaptive import (
-    ScaleByAdadeltaState,
-    ScaleByAdagradState,
+from ._adam import (
     ScaleByAdamaxState,
     ScaleByAdamState,
-    ScaleByAsgdState,
     ScaleByNadamState,
     ScaleByRadamState,
-    ScaleByRmsState,
-    ScaleByRpropState,
-    scale_by_adadelta,
-    scale_by_adagrad,
     scale_by_adam,
     scale_by_adamax,
-    scale_by_asgd,
     scale_by_nadam,
     scale_by_radam,
-    scale_by_rms,
-    scale_by_rprop,
 )
 from ._alias import adadelta, adagrad, adam, adamax, adamw, asgd, nadam, radam, rmsprop, rprop, sgd
 from ._base import (
     EmptyState,
     GradientTransformation,
-    MaskedNode,
-    MaskedState,
     apply_updates,
     chain,
     identity,
     masked,
     set_to_zero,
 )
-from ._hyper import safe_sqrt
+from ._rms import (
+    ScaleByAdadeltaState,
+    ScaleByAdagradState,
+    ScaleByRmsState,
+    scale_by_adadelta,
+    scale_by_adagrad,
+    scale_by_rms,
+)
+from ._stepsize import ScaleByAsgdState, ScaleByRpropState, scale_by_asgd, scale_by_rprop
 from ._transforms import (
     TraceState,
     add_decayed_weights,
@@ -60,8 +56,6 @@ from ._transforms import (
 __all__ = [
     "EmptyState",
     "GradientTransformation",
-    "MaskedNode",
-    "MaskedState",
     "ScaleByAdadeltaState",
     "ScaleByAdagradState",
     "ScaleByAdamState",
@@ -88,7 +82,6 @@ __all__ = [
     "radam",
     "rmsprop",
     "rprop",
-    "safe_sqrt",
     "scale",
     "scale_by_adadelta",
     "scale_by_adagrad",
@@ -104,3 +97,30 @@ __all__ = [
     "sgd",
     "trace",
 ]
+
+# names that were public and are implementation: for one release, their error says so
+_REMOVED = {
+    "safe_sqrt": (
+        "the square root with derivative 0 at 0 that the optimizers use inside their per-leaf "
+        "kernels; it is private now (metafunc.optim._leafwise.safe_sqrt, which may change). Copy "
+        "its two lines if you need it: torch.where(x > 0, torch.sqrt(torch.where(x > 0, x, 1)), 0)"
+    ),
+    "MaskedNode": (
+        "the placeholder that masked(...) puts in place of the leaves it excludes; it is private "
+        "now (metafunc.optim._base.MaskedNode, which may change). Build the mask as a pytree of "
+        "bools; masked(...) handles the excluded leaves"
+    ),
+    "MaskedState": (
+        "the state type of masked(...); it is private now (metafunc.optim._base.MaskedState, "
+        "which may change). Use the state that masked(...).init returns; its inner optimizer's "
+        "state is state.inner_state"
+    ),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _REMOVED:
+        raise AttributeError(
+            f"metafunc.optim.{name} was removed from the public API: it is {_REMOVED[name]}."
+        )
+    raise AttributeError(f"module 'metafunc.optim' has no attribute {name!r}")

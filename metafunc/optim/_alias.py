@@ -12,8 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from .._typing import Hyper
-from . import _adaptive, _hyper
+from . import _hyper
+from ._adam import scale_by_adam, scale_by_adamax, scale_by_nadam, scale_by_radam
 from ._base import GradientTransformation, _chain
+from ._rms import scale_by_adadelta, scale_by_adagrad, scale_by_rms
+from ._stepsize import scale_by_asgd, scale_by_rprop
 from ._transforms import add_decayed_weights, scale, scale_by_learning_rate, trace
 
 
@@ -22,14 +25,41 @@ def _used(value: Hyper) -> bool:
     return isinstance(value, torch.Tensor) or _hyper.is_tree(value) or value != 0
 
 
+def _weight_decay(
+    weight_decay: Hyper, decoupled: bool = False
+) -> tuple[GradientTransformation | None, GradientTransformation | None]:
+    """The weight-decay term as a pair (before the scaling, after it): L2 regularisation goes
+    before the direction is computed (``torch.optim.Adam(weight_decay=)``), decoupled decay after
+    it (``AdamW``); ``None`` where there is none."""
+    if not _used(weight_decay):
+        return None, None
+    decay = add_decayed_weights(weight_decay)
+    return (None, decay) if decoupled else (decay, None)
+
+
 def _build(
-    name: str, maximize: bool, *parts: GradientTransformation | None
+    name: str,
+    maximize: bool,
+    *direction: GradientTransformation | None,
+    weight_decay: Hyper = 0.0,
+    decoupled: bool = False,
+    lr: Hyper | None = None,
 ) -> GradientTransformation:
-    """The chain of ``parts`` (``None``: left out), named ``name`` in its errors."""
+    """A named optimizer: the chain of ``scale(-1)`` (to ``maximize``), L2 weight decay, the
+    ``direction`` transforms (``None``: left out), decoupled weight decay and
+    ``scale_by_learning_rate(lr)`` (unless ``lr`` is ``None``: the direction is the update), each
+    where it applies; named ``name`` in its errors."""
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}.")
-    pre = [scale(-1.0)] if maximize else []
-    return _chain(name, (*pre, *[p for p in parts if p is not None]))
+    before, after = _weight_decay(weight_decay, decoupled)
+    parts = [
+        scale(-1.0) if maximize else None,
+        before,
+        *direction,
+        after,
+        None if lr is None else scale_by_learning_rate(lr),
+    ]
+    return _chain(name, tuple(p for p in parts if p is not None))
 
 
 def sgd(
@@ -77,13 +107,8 @@ def sgd(
         )
     if nesterov and _used(dampening):
         raise ValueError("sgd(nesterov=True): Nesterov momentum requires dampening=0.")
-    return _build(
-        "sgd",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        trace(momentum, dampening, nesterov) if _used(momentum) else None,
-        scale_by_learning_rate(lr),
-    )
+    direction = trace(momentum, dampening, nesterov) if _used(momentum) else None
+    return _build("sgd", maximize, direction, weight_decay=weight_decay, lr=lr)
 
 
 def adam(
@@ -130,17 +155,10 @@ def _adam(
     weight_decay: Hyper,
     amsgrad: bool,
     maximize: bool,
-    decoupled_weight_decay: bool,
+    decoupled: bool,
 ) -> GradientTransformation:
-    wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
-    return _build(
-        name,
-        maximize,
-        None if decoupled_weight_decay else wd,
-        _adaptive.scale_by_adam(betas, eps, amsgrad),
-        wd if decoupled_weight_decay else None,
-        scale_by_learning_rate(lr),
-    )
+    direction = scale_by_adam(betas, eps, amsgrad)
+    return _build(name, maximize, direction, weight_decay=weight_decay, decoupled=decoupled, lr=lr)
 
 
 def adamw(
@@ -169,13 +187,8 @@ def adamax(
 
     See :func:`scale_by_adamax`.
     """
-    return _build(
-        "adamax",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        _adaptive.scale_by_adamax(betas, eps),
-        scale_by_learning_rate(lr),
-    )
+    direction = scale_by_adamax(betas, eps)
+    return _build("adamax", maximize, direction, weight_decay=weight_decay, lr=lr)
 
 
 def nadam(
@@ -189,14 +202,10 @@ def nadam(
     maximize: bool = False,
 ) -> GradientTransformation:
     """NAdam, as ``torch.optim.NAdam`` (Dozat 2016); see :func:`scale_by_nadam`."""
-    wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
+    direction = scale_by_nadam(betas, eps, momentum_decay)
+    decoupled = decoupled_weight_decay
     return _build(
-        "nadam",
-        maximize,
-        None if decoupled_weight_decay else wd,
-        _adaptive.scale_by_nadam(betas, eps, momentum_decay),
-        wd if decoupled_weight_decay else None,
-        scale_by_learning_rate(lr),
+        "nadam", maximize, direction, weight_decay=weight_decay, decoupled=decoupled, lr=lr
     )
 
 
@@ -213,14 +222,10 @@ def radam(
 
     See :func:`scale_by_radam`.
     """
-    wd = add_decayed_weights(weight_decay) if _used(weight_decay) else None
+    direction = scale_by_radam(betas, eps)
+    decoupled = decoupled_weight_decay
     return _build(
-        "radam",
-        maximize,
-        None if decoupled_weight_decay else wd,
-        _adaptive.scale_by_radam(betas, eps),
-        wd if decoupled_weight_decay else None,
-        scale_by_learning_rate(lr),
+        "radam", maximize, direction, weight_decay=weight_decay, decoupled=decoupled, lr=lr
     )
 
 
@@ -236,14 +241,9 @@ def rmsprop(
 ) -> GradientTransformation:
     """RMSprop, as ``torch.optim.RMSprop``; momentum accumulates the scaled gradient
     (``b_t = momentum * b_{t-1} + g_t / (sqrt(v_t) + eps)``), as torch does."""
-    return _build(
-        "rmsprop",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        _adaptive.scale_by_rms(alpha, eps, centered),
-        trace(momentum) if _used(momentum) else None,
-        scale_by_learning_rate(lr),
-    )
+    rms = scale_by_rms(alpha, eps, centered)
+    momentum_ = trace(momentum) if _used(momentum) else None
+    return _build("rmsprop", maximize, rms, momentum_, weight_decay=weight_decay, lr=lr)
 
 
 def adagrad(
@@ -259,13 +259,8 @@ def adagrad(
 
     See :func:`scale_by_adagrad`.
     """
-    return _build(
-        "adagrad",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        _adaptive.scale_by_adagrad(lr_decay, eps, initial_accumulator_value),
-        scale_by_learning_rate(lr),
-    )
+    direction = scale_by_adagrad(lr_decay, eps, initial_accumulator_value)
+    return _build("adagrad", maximize, direction, weight_decay=weight_decay, lr=lr)
 
 
 def adadelta(
@@ -280,13 +275,8 @@ def adadelta(
 
     See :func:`scale_by_adadelta`.
     """
-    return _build(
-        "adadelta",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        _adaptive.scale_by_adadelta(rho, eps),
-        scale_by_learning_rate(lr),
-    )
+    direction = scale_by_adadelta(rho, eps)
+    return _build("adadelta", maximize, direction, weight_decay=weight_decay, lr=lr)
 
 
 def rprop(
@@ -300,7 +290,7 @@ def rprop(
 
     See :func:`scale_by_rprop`.
     """
-    return _build("rprop", maximize, _adaptive.scale_by_rprop(lr, etas, step_sizes), scale(-1.0))
+    return _build("rprop", maximize, scale_by_rprop(lr, etas, step_sizes), scale(-1.0))
 
 
 def asgd(
@@ -317,9 +307,5 @@ def asgd(
     See :func:`scale_by_asgd`. The average of the last transform's state is
     ``state[-1].ax``.
     """
-    return _build(
-        "asgd",
-        maximize,
-        add_decayed_weights(weight_decay) if _used(weight_decay) else None,
-        _adaptive.scale_by_asgd(lr, lambd, alpha, t0),
-    )
+    direction = scale_by_asgd(lr, lambd, alpha, t0)  # the full update: no lr to scale by
+    return _build("asgd", maximize, direction, weight_decay=weight_decay)

@@ -46,47 +46,52 @@ class MaskedNode(NamedTuple):
 class StateTypeError(TypeError):
     """An ``update`` got a state that its optimizer's ``init`` does not make.
 
-    Raised by :func:`check_state` in the transform that keeps the state; :func:`chain` and
-    :func:`masked` re-raise it (:meth:`seen_from`) with the position in their own state, so that the
-    message names the call the user made.
+    Raised by :func:`check_state` in the transform that keeps the state. Its fields say what
+    happened: ``call`` (the update the user called), ``owner`` (the transform or named optimizer
+    that keeps the state), ``expected`` and ``seen`` (the names of the state types), ``path`` (where
+    the state sits in the state the user passed: ints index a :func:`chain`'s tuple, strings name
+    a field, e.g. ``(1, "inner_state", 0)``) and ``named`` (whether ``owner`` is a named optimizer
+    such as ``adam``). :func:`chain` and :func:`masked` re-raise it through :meth:`within`, which
+    prepends their position to the path, so that the message names the call the user made.
     """
 
-    def __init__(self, message: str, info: tuple[str, bool, str, str, str] | None = None) -> None:
-        super().__init__(message)
-        self.info = info  # (owner, owner is a named optimizer, expected, seen, where)
-
-    @classmethod
-    def make(
-        cls, call: str, owner: str, named: bool, expected: str, seen: str, where: str
-    ) -> StateTypeError:
-        at = f" at state{where}, where {owner} keeps" if where else f"; {owner} keeps"
-        return cls(
+    def __init__(
+        self,
+        call: str,
+        owner: str,
+        expected: str,
+        seen: str,
+        path: tuple[int | str, ...] = (),
+        named: bool = False,
+    ) -> None:
+        self.call, self.owner, self.expected, self.seen = call, owner, expected, seen
+        self.path, self.named = path, named
+        where = "".join(f".{k}" if isinstance(k, str) else f"[{k}]" for k in path)
+        at = f" at state{where}, where {owner} keeps" if path else f"; {owner} keeps"
+        super().__init__(
             f"{call}: expected the state from this optimizer's init, got a {seen}{at} a "
             f"{expected}. Pass the state from this optimizer's init (state = opt.init(params), "
-            f"then the state each update returns); the state of another optimizer does not fit.",
-            (owner, named, expected, seen, where),
+            f"then the state each update returns); the state of another optimizer does not fit."
         )
 
-    def seen_from(self, call: str, where: str, name: str | None = None) -> StateTypeError:
-        """The same mismatch as seen by an enclosing transform; ``where`` indexes its state."""
-        assert self.info is not None
-        owner, named, expected, seen, inner = self.info
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by its fields, not by its message
+        return type(self), (self.call, self.owner, self.expected, self.seen, self.path, self.named)
+
+    def within(self, call: str, key: int | str, name: str | None = None) -> StateTypeError:
+        """The same mismatch as seen by an enclosing transform whose ``update`` is ``call`` and
+        whose state holds this one at ``key``; ``name``: the enclosing named optimizer, which
+        becomes the owner unless the owner is already one."""
+        owner, named = self.owner, self.named
         if name is not None and not named:
             owner, named = name, True
-        return self.make(call, owner, named, expected, seen, where + inner)
+        return StateTypeError(call, owner, self.expected, self.seen, (key, *self.path), named)
 
 
 def check_state(call: str, owner: str, state: object, expected: type) -> None:
     """Raises a ``TypeError`` unless ``state`` is the ``expected`` state type (an ``isinstance``
     check: free under ``vmap`` and ``torch.compile``)."""
     if not isinstance(state, expected):
-        raise StateTypeError.make(call, owner, False, expected.__name__, type(state).__name__, "")
-
-
-def _count(params: PyTree) -> torch.Tensor:
-    leaves = optree.tree_leaves(params)
-    device = leaves[0].device if leaves and isinstance(leaves[0], torch.Tensor) else None
-    return torch.zeros((), dtype=torch.int64, device=device)
+        raise StateTypeError(call, owner, expected.__name__, type(state).__name__)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -139,7 +144,7 @@ def _chain(
             try:
                 updates, s = t.update(updates, s, params)
             except StateTypeError as e:
-                raise e.seen_from(call, f"[{i}]", name) from None
+                raise e.within(call, i, name) from None
             except HyperparameterOverflowError as e:
                 if name is None:
                     raise
@@ -241,7 +246,7 @@ def masked(
                 masked_updates, state.inner_state, masked_params
             )
         except StateTypeError as e:
-            raise e.seen_from(call, ".inner_state") from None
+            raise e.within(call, "inner_state") from None
         merged = optree.tree_map(
             lambda keep, new, old: new if keep else old, m, new_updates, updates
         )

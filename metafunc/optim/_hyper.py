@@ -157,12 +157,14 @@ def check(
 class HyperparameterOverflowError(ValueError):
     """A Python-number hyperparameter that overflows a params leaf's dtype (``init``, ``update``).
 
-    Raised by :func:`leaves` with the transform's call; :func:`metafunc.optim.chain` re-raises it
+    Raised by :func:`values` with the transform's call; :func:`metafunc.optim.chain` re-raises it
     (:meth:`seen_from`) under the name of the named optimizer it builds (``adam(...).update``).
+    Its fields: ``call``, ``name`` (of the hyperparameter), ``value``, ``dtype`` (of the leaf) and
+    ``key`` (the leaf's key path, formatted).
     """
 
     def __init__(self, call: str, name: str, value: object, dtype: torch.dtype, key: str) -> None:
-        self.name, self.value, self.dtype, self.key = name, value, dtype, key
+        self.call, self.name, self.value, self.dtype, self.key = call, name, value, dtype, key
         super().__init__(
             f"{call}: {name}={value!r} overflows {dtype} (largest finite value "
             f"{torch.finfo(dtype).max!r}) at params leaf {key}: the update would be inf or nan. "
@@ -170,7 +172,11 @@ class HyperparameterOverflowError(ValueError):
             f"model.double())."
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by its fields, not by its message
+        return type(self), (self.call, self.name, self.value, self.dtype, self.key)
+
     def seen_from(self, call: str) -> HyperparameterOverflowError:
+        """The same overflow, reported under the enclosing optimizer's ``call``."""
         return HyperparameterOverflowError(call, self.name, self.value, self.dtype, self.key)
 
 
@@ -214,66 +220,58 @@ def _broadcasts_unchanged(value: torch.Tensor, leaf: Any) -> bool:
 
 
 def leaves(call: str, name: str, value: Any, tree: PyTree) -> list:
-    """The hyperparameter's value for each leaf of ``tree`` (aligned with ``optree.tree_leaves``).
+    """:func:`values` for the leaves of ``tree``."""
+    tleaves, spec = optree.tree_flatten(tree)
+    return values(call, name, value, tleaves, spec)
+
+
+def values(call: str, name: str, value: Any, tleaves: list, spec: optree.PyTreeSpec) -> list:
+    """The hyperparameter's value for each leaf of the tree flattened as ``tleaves, spec``.
 
     A number or tensor is shared by every leaf; a shared tensor must broadcast to each leaf's
-    shape without changing it. A pytree is matched to ``tree`` by key path, so a hyperparameter
+    shape without changing it. A pytree is matched to the tree by key path, so a hyperparameter
     tree that matches the full params also serves a masked sub-tree of them (entries for leaves
-    not in ``tree`` are ignored); each of its tensors must be 0-d (or hold one number without
+    not in the tree are ignored); each of its tensors must be 0-d (or hold one number without
     adding dimensions) or have exactly its leaf's shape. Under ``vmap`` the shapes compared are the
     per-task ones. A Python number must fit each leaf's dtype (``inf``, which the factory allows
     only where it means "no bound", is not checked); tensor values are not read.
     """
     if not is_tree(value):
-        tleaves = optree.tree_leaves(tree)
         if isinstance(value, numbers.Real) and not -_FITS_ANY <= cast(float, value) <= _FITS_ANY:
-            for path, leaf in zip(optree.tree_paths(tree), tleaves):
+            for path, leaf in zip(spec.paths(), tleaves):
                 _check_fits(call, name, value, leaf, path)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            for i, leaf in enumerate(tleaves):
+            for path, leaf in zip(spec.paths(), tleaves):
                 if not _broadcasts_unchanged(value, leaf):
-                    key = format_path(optree.tree_paths(tree)[i])
                     raise ValueError(
                         f"{call}: the {name} tensor has shape {tuple(value.shape)}, which does "
-                        f"not broadcast to params leaf {key} of shape {tuple(leaf.shape)} without "
-                        f"changing it. One {name} tensor applies to every leaf: pass a 0-d tensor "
-                        f"(torch.tensor(0.1)), or a per-parameter pytree, e.g. "
-                        f"{{k: torch.full_like(p, 0.1) for k, p in params.items()}}."
+                        f"not broadcast to params leaf {format_path(path)} of shape "
+                        f"{tuple(leaf.shape)} without changing it. One {name} tensor applies to "
+                        f"every leaf: pass a 0-d tensor (torch.tensor(0.1)), or a per-parameter "
+                        f"pytree, e.g. {{k: torch.full_like(p, 0.1) for k, p in params.items()}}."
                     )
         return [value] * len(tleaves)
-    if optree.tree_structure(value) == optree.tree_structure(tree):
-        values = optree.tree_leaves(value)
-    else:
-        vpaths, vleaves, _ = optree.tree_flatten_with_path(value)
-        lookup = dict(zip(vpaths, vleaves))
-        tpaths = optree.tree_paths(tree)
-        missing = [format_path(p) for p in tpaths if p not in lookup]
+    vleaves, vspec = optree.tree_flatten(value)
+    if vspec == spec:
+        found = vleaves
+    else:  # by key path: the tree may be a masked part of the params
+        lookup = dict(zip(vspec.paths(), vleaves))
+        missing = [format_path(p) for p in spec.paths() if p not in lookup]
         if missing:
             raise ValueError(
                 f"{call}: the pytree given as {name} has no entry for params leaf "
                 f"{', '.join(missing[:5])}. A per-parameter {name} needs one value for every "
                 f"trainable leaf, e.g. {{k: torch.tensor(0.1) for k in params}}."
             )
-        values = [lookup[p] for p in tpaths]
-    for i, (v, leaf) in enumerate(zip(values, optree.tree_leaves(tree))):
+        found = [lookup[p] for p in spec.paths()]
+    for path, v, leaf in zip(spec.paths(), found, tleaves):
         if isinstance(v, numbers.Real) and not -_FITS_ANY <= cast(float, v) <= _FITS_ANY:
-            path = optree.tree_paths(tree)[i]
             _check_fits(call, f"{name}{format_path(path)}", v, leaf, path)
         if isinstance(v, torch.Tensor) and not _fits_leaf(v, leaf):
-            key = format_path(optree.tree_paths(tree)[i])
+            key = format_path(path)
             raise ValueError(
                 f"{call}: {name}{key} has shape {tuple(v.shape)}, but params leaf {key} has shape "
                 f"{tuple(leaf.shape)}. A per-parameter {name} is a 0-d tensor or a tensor of "
                 f"exactly its param's shape, e.g. torch.full_like(param, 0.1)."
             )
-    return values
-
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` with derivative 0 instead of inf at ``x == 0`` (no NaN under double backward).
-
-    The derivative of an optimizer step through ``sqrt(v)`` with ``v = g**2`` is then the limit of
-    the true derivative as ``g -> 0`` (the ``|g|`` term is multiplied by ``g`` and vanishes).
-    """
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+    return found

@@ -5,7 +5,10 @@ In float16, Adam's ``eps=1e-8`` is 0 and ``(1 - beta2) g**2`` loses digits for `
 is 0 for ``|g| < 8e-3``; so a float16 or bfloat16 leaf is widened to float32 (its *compute dtype*),
 its transform's arithmetic runs there, the update is rounded back to the leaf's dtype once, and the
 state stays in float32 (its *state dtype*), as in mixed-precision training. float32 and float64
-leaves compute and keep their state in their own dtype.
+leaves compute and keep their state in their own dtype. Transforms that keep no per-leaf state
+(:func:`~metafunc.optim.scale`, :func:`~metafunc.optim.scale_by_learning_rate`,
+:func:`~metafunc.optim.add_decayed_weights`) are one multiply-add: they run as torch's type
+promotion has them and return the update in its own dtype, without this detour.
 
 Second order in float16 needs one more rule. The derivative of an adaptive update at an
 exactly-zero gradient entry is about ``lr / eps`` (1e5 for Adam at its defaults), beyond float16's
@@ -26,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
@@ -57,16 +59,16 @@ def state_dtype(leaf: torch.dtype, accumulator_dtype: torch.dtype | None = None)
     return torch.float32 if leaf in HALF else leaf
 
 
-def zeros(params: Any, accumulator_dtype: torch.dtype | None, values: list | None = None) -> Any:
-    """A transform's per-leaf state in each leaf's state dtype: zeros, or filled with ``values``
-    (one number or tensor per leaf)."""
-    leaves, spec = optree.tree_flatten(params)
+def zeros(
+    leaves: list[torch.Tensor], accumulator_dtype: torch.dtype | None, values: list | None = None
+) -> list[torch.Tensor]:
+    """One state tensor per params leaf, in the leaf's state dtype: zeros, or filled with
+    ``values`` (one number or tensor per leaf)."""
     values = values or [0.0] * len(leaves)
-    state = [
+    return [
         (torch.zeros_like(p) + v).to(state_dtype(p.dtype, accumulator_dtype))
         for p, v in zip(leaves, values)
     ]
-    return optree.tree_unflatten(spec, state)
 
 
 def compute_dtype(leaf: torch.dtype, state: torch.dtype) -> torch.dtype:
@@ -112,23 +114,23 @@ def widen(x: Any, dtype: torch.dtype) -> Any:
     return _Widen.apply(x, dtype) if x.dtype == torch.float16 else x.to(dtype)
 
 
-Kernel = Callable[..., tuple[torch.Tensor, tuple[Any, ...]]]
-
-
 def run(
-    kernel: Kernel,
+    kernel: Callable[..., tuple[Any, ...]],
     g: torch.Tensor,
     state: tuple[Any, ...],
-    *args: Any,
-    accumulator_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, tuple[Any, ...]]:
-    """One leaf's update: ``kernel(g, state, *args) -> (update, new_state)`` in the compute dtype.
+    kwargs: dict[str, Any],
+    accumulator_dtype: torch.dtype | None,
+    exact: tuple[bool, ...],
+) -> tuple[Any, ...]:
+    """One leaf's update: ``kernel(g, *state, **kwargs) -> (update, *new_state)`` in the compute
+    dtype.
 
-    ``g`` (the leaf's update so far) and each tensor of ``state`` (the leaf's state; ``None``
-    entries stand for state a variant does not keep) narrower than the compute dtype are widened to
-    it by :func:`widen`, each such tensor of ``args`` (per-leaf values: params, hyperparameters) by
-    a plain cast; the update is returned in ``g``'s dtype and the new state in the state dtype.
-    For float32 and float64 leaves with the default ``accumulator_dtype`` nothing is widened.
+    ``g`` (the leaf's update so far) and each tensor of ``state`` (the leaf's state) narrower than
+    the compute dtype are widened to it by :func:`widen`, each such tensor of ``kwargs`` (per-leaf
+    values: params, hyperparameters) by a plain cast; the update is returned in ``g``'s dtype and
+    the new state in the state dtype, except the entries that ``exact`` marks (float64 numbers,
+    returned as they are). For float32 and float64 leaves with the default ``accumulator_dtype``
+    nothing is widened.
     """
     leaf = g.dtype
     if accumulator_dtype is None and leaf not in HALF:  # the common case: nothing to widen
@@ -138,34 +140,14 @@ def run(
         dtype = compute_dtype(leaf, keep)
         g = widen(g, dtype)
         state = tuple([widen(s, dtype) for s in state])
-        args = tuple([a.to(dtype) if _narrower(a, dtype) else a for a in args])
-    update, new_state = kernel(g, state, *args)
-    return _cast(update, leaf), tuple([_cast(s, keep) for s in new_state])
+        kwargs = {k: a.to(dtype) if _narrower(a, dtype) else a for k, a in kwargs.items()}
+    update, *new_state = kernel(g, *state, **kwargs)
+    return (
+        cast(update, leaf),
+        *[s if e else cast(s, keep) for s, e in zip(new_state, exact)],
+    )
 
 
-def _cast(x: Any, dtype: torch.dtype) -> Any:
+def cast(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` in ``dtype`` (``x`` itself if it is ``None`` or already of that dtype)."""
     return x if x is None or x.dtype == dtype else x.to(dtype)
-
-
-def run_leaves(
-    kernel: Kernel,
-    leaves: list[torch.Tensor],
-    states: tuple[list[Any], ...],
-    *args: list[Any],
-    shared: tuple[Any, ...] = (),
-    accumulator_dtype: torch.dtype | None = None,
-) -> tuple[list[torch.Tensor], tuple[list[Any], ...]]:
-    """:func:`run` for every leaf: ``kernel(g, state, *per_leaf_args, *shared)``.
-
-    ``states`` (at least one field) and ``args`` hold one list per field, aligned with ``leaves``;
-    ``shared`` values (a step count) are passed to every leaf. Returns the updates and, per state
-    field, the list of new values.
-    """
-    updates: list[torch.Tensor] = []
-    new_states: tuple[list[Any], ...] = tuple([] for _ in states)
-    for g, state, *values in zip(leaves, zip(*states), *args):
-        update, new = run(kernel, g, state, *values, *shared, accumulator_dtype=accumulator_dtype)
-        updates.append(update)
-        for column, value in zip(new_states, new):
-            column.append(value)
-    return updates, new_states

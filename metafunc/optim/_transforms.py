@@ -1,41 +1,31 @@
-"""Small stateless or nearly stateless transforms that the named optimizers are chained from."""
+"""Small stateless or nearly stateless transforms that the named optimizers are chained from.
+
+Each per-leaf rule is a kernel that :func:`._leafwise.leafwise` runs on every leaf.
+"""
 
 from __future__ import annotations
 
+import functools
+import numbers
 from typing import NamedTuple
 
 import optree
 import torch
 
-from .. import _tree
 from .._typing import Hyper, Scalar, Updates
-from . import _hyper, _precision
-from ._base import EmptyState, GradientTransformation, _count, check_state
-
-
-def _needs_params(call: str, params) -> None:
-    if params is None:
-        raise ValueError(
-            f"{call}: this transform needs the current params, got params=None. Call "
-            f"opt.update(grads, state, params)."
-        )
+from . import _hyper
+from ._base import EmptyState, GradientTransformation
+from ._leafwise import leafwise, safe_sqrt
 
 
 def scale(step_size: Hyper) -> GradientTransformation:
     """Multiplies updates by ``step_size`` (a number, a learnable tensor, or a per-leaf pytree)."""
     _hyper.check("scale(step_size)", "step_size", step_size)
+    return leafwise("scale", _scale, hypers={"step_size": ("step_size", step_size)})
 
-    def init(params):
-        _hyper.match("scale.init", "step_size", step_size, params)
-        return EmptyState()
 
-    def update(updates, state, params=None):
-        leaves, spec = optree.tree_flatten(updates)
-        ss = _hyper.leaves("scale.update", "step_size", step_size, updates)
-        out = [(u * s).to(u.dtype) for u, s in zip(leaves, ss)]
-        return optree.tree_unflatten(spec, out), state
-
-    return GradientTransformation(init, update)
+def _scale(u, *, step_size):
+    return (u * step_size,)
 
 
 def scale_by_learning_rate(lr: Hyper) -> GradientTransformation:
@@ -46,20 +36,13 @@ def scale_by_learning_rate(lr: Hyper) -> GradientTransformation:
     0-d or of exactly its param's shape. A number must be finite and ``>= 0``.
     """
     _hyper.check("scale_by_learning_rate(lr)", "lr", lr, low=0.0)
+    # the last transform of every named optimizer: checks the params it is given, so that sgd,
+    # which keeps no state to compare the updates with, checks them too
+    return leafwise("scale_by_learning_rate", _descend, hypers={"lr": ("lr", lr)}, params="check")
 
-    def init(params):
-        _hyper.match("scale_by_learning_rate.init", "lr", lr, params)
-        return EmptyState()
 
-    def update(updates, state, params=None):
-        if params is not None:
-            _tree.check_same("scale_by_learning_rate.update", "updates", updates, "params", params)
-        leaves, spec = optree.tree_flatten(updates)
-        lrs = _hyper.leaves("scale_by_learning_rate.update", "lr", lr, updates)
-        out = [(u * -r).to(u.dtype) for u, r in zip(leaves, lrs)]
-        return optree.tree_unflatten(spec, out), state
-
-    return GradientTransformation(init, update)
+def _descend(u, *, lr):
+    return (u * -lr,)
 
 
 def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
@@ -70,22 +53,16 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
     (``torch.optim.AdamW``).
     """
     _hyper.check("add_decayed_weights(weight_decay)", "weight_decay", weight_decay, low=0.0)
+    return leafwise(
+        "add_decayed_weights",
+        _decay,
+        hypers={"weight_decay": ("weight_decay", weight_decay)},
+        params="use",
+    )
 
-    def init(params):
-        _hyper.match("add_decayed_weights.init", "weight_decay", weight_decay, params)
-        return EmptyState()
 
-    def update(updates, state, params=None):
-        _needs_params("add_decayed_weights.update", params)
-        _tree.check_same("add_decayed_weights.update", "updates", updates, "params", params)
-        leaves, spec = optree.tree_flatten(updates)
-        wds = _hyper.leaves("add_decayed_weights.update", "weight_decay", weight_decay, updates)
-        out = [
-            (u + wd * p).to(u.dtype) for u, p, wd in zip(leaves, optree.tree_leaves(params), wds)
-        ]
-        return optree.tree_unflatten(spec, out), state
-
-    return GradientTransformation(init, update)
+def _decay(u, *, p, weight_decay):
+    return (u + weight_decay * p,)
 
 
 def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
@@ -118,7 +95,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
             u.to(torch.float64 if u.dtype == torch.float64 else torch.float32).pow(2).sum()
             for u in leaves
         )
-        total = _hyper.safe_sqrt(sq)
+        total = safe_sqrt(sq)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         out = [(u * coef).to(u.dtype) for u in leaves]
         return optree.tree_unflatten(spec, out), state
@@ -155,42 +132,28 @@ def trace(
     _hyper.check("trace(dampening)", "dampening", dampening)
     if not isinstance(nesterov, bool):
         raise TypeError(f"trace(nesterov): expected a bool, got {type(nesterov).__name__}.")
-    _precision.check_accumulator_dtype("trace", accumulator_dtype)
-    plain_dampening = not _hyper.is_tree(dampening) and not isinstance(dampening, torch.Tensor)
+    return leafwise(
+        "trace",
+        functools.partial(trace_kernel, nesterov=nesterov),
+        TraceState,
+        fields=("trace",),
+        hypers={"momentum": ("momentum", momentum), "dampening": ("dampening", dampening)},
+        schedule=_first_step,
+        accumulator_dtype=accumulator_dtype,
+    )
 
-    def init(params):
-        _tree.check_floating("trace.init", params)
-        _hyper.match("trace.init", "momentum", momentum, params)
-        _hyper.match("trace.init", "dampening", dampening, params)
-        return TraceState(_count(params), _precision.zeros(params, accumulator_dtype))
 
-    def kernel(g, state, mu, tau, first):
-        (b,) = state
-        damp: float | torch.Tensor
-        if plain_dampening and tau == 0:
-            damp = 1.0
-        else:
-            damp = torch.where(first, 1.0, 1.0 - torch.as_tensor(tau, dtype=g.dtype))
-        b = mu * b + damp * g
-        return (g + mu * b if nesterov else b), (b,)
+def trace_kernel(g, b, *, momentum, dampening, first, nesterov):
+    """Momentum on one leaf: ``b`` is the momentum buffer; dampening is not applied on the
+    ``first`` step (a bool tensor), as in torch."""
+    damp: float | torch.Tensor
+    if isinstance(dampening, numbers.Real) and dampening == 0:
+        damp = 1.0
+    else:
+        damp = torch.where(first, 1.0, 1.0 - torch.as_tensor(dampening, dtype=g.dtype))
+    b = momentum * b + damp * g
+    return (g + momentum * b if nesterov else b), b
 
-    def update(updates, state, params=None):
-        check_state("trace.update", "trace", state, TraceState)
-        _tree.check_same("trace.update", "updates", updates, "state.trace", state.trace)
-        leaves, spec = optree.tree_flatten(updates)
-        mus = _hyper.leaves("trace.update", "momentum", momentum, updates)
-        taus = _hyper.leaves("trace.update", "dampening", dampening, updates)
-        out, (new_trace,) = _precision.run_leaves(
-            kernel,
-            leaves,
-            (optree.tree_leaves(state.trace),),
-            mus,
-            taus,
-            shared=(state.step == 0,),
-            accumulator_dtype=accumulator_dtype,
-        )
-        return optree.tree_unflatten(spec, out), TraceState(
-            state.step + 1, optree.tree_unflatten(spec, new_trace)
-        )
 
-    return GradientTransformation(init, update)
+def _first_step(step: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"first": step == 0}
