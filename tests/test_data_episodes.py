@@ -304,13 +304,25 @@ def test_sampler_errors():
 def test_public_api():
     assert sorted(metafunc.data.__all__) == sorted(
         [
+            "CIFAR_FS_SPLIT",
+            "FC100_SPLIT",
             "OMNIGLOT_SPLIT",
+            "EncodedImages",
             "Episode",
             "EpisodeSampler",
             "LabelledImages",
             "Sinusoid",
+            "compose",
+            "load_cifar_fs",
+            "load_fc100",
+            "load_miniimagenet",
             "load_omniglot",
+            "load_tieredimagenet",
             "procedural_glyphs",
+            "random_crop",
+            "random_flip",
+            "random_rot90",
+            "shuffle_examples",
             "split_classes",
         ]
     )

@@ -10,6 +10,12 @@ Every sampler returns an :class:`Episode` whose tensors carry a leading task dim
 - :func:`load_omniglot`: Omniglot from its standard folders on disk (no download), with the
   rotations-as-new-classes augmentation; :func:`procedural_glyphs`: an Omniglot-like dataset
   drawn procedurally, needing no files.
+- :func:`load_miniimagenet`, :func:`load_tieredimagenet`, :func:`load_cifar_fs`,
+  :func:`load_fc100`: the standard few-shot benchmarks from the files users already have (no
+  download), one standard class split per call, kept as uint8 pixels (memory-mapped where the
+  format allows) and normalised per episode; :class:`EncodedImages` keeps PNG files encoded.
+- :func:`compose`, :func:`random_crop`, :func:`random_flip`, :func:`random_rot90`,
+  :func:`shuffle_examples`: episode transforms (per-task augmentation) for ``EpisodeSampler``.
 
 Example:
     >>> import torch
@@ -22,21 +28,38 @@ Example:
     (torch.Size([16, 5, 1, 28, 28]), torch.Size([16, 25]))
 """
 
+from ._cifarfs import CIFAR_FS_SPLIT, FC100_SPLIT, load_cifar_fs, load_fc100
+from ._encoded import EncodedImages
 from ._episode import Episode
 from ._glyphs import procedural_glyphs
 from ._labelled import LabelledImages
+from ._miniimagenet import load_miniimagenet
 from ._omniglot import load_omniglot
 from ._sampler import EpisodeSampler
 from ._sinusoid import Sinusoid
 from ._split import OMNIGLOT_SPLIT, split_classes
+from ._tieredimagenet import load_tieredimagenet
+from ._transforms import compose, random_crop, random_flip, random_rot90, shuffle_examples
 
 __all__ = [
+    "CIFAR_FS_SPLIT",
+    "FC100_SPLIT",
     "OMNIGLOT_SPLIT",
+    "EncodedImages",
     "Episode",
     "EpisodeSampler",
     "LabelledImages",
     "Sinusoid",
+    "compose",
+    "load_cifar_fs",
+    "load_fc100",
+    "load_miniimagenet",
     "load_omniglot",
+    "load_tieredimagenet",
     "procedural_glyphs",
+    "random_crop",
+    "random_flip",
+    "random_rot90",
+    "shuffle_examples",
     "split_classes",
 ]

@@ -10,10 +10,11 @@ from .._checks import describe, int_at_least
 from ._checks import check_generator, check_labels
 from ._episode import Episode
 from ._labelled import LabelledImages
+from ._transforms import EpisodeTransform
 
 __all__ = ["EpisodeSampler"]
 
-_CALL = "EpisodeSampler(dataset, classes, ways=..., shots=..., queries=...)"
+_CALL = "EpisodeSampler(dataset, classes, ways=..., shots=..., queries=..., transform=...)"
 
 
 class EpisodeSampler:
@@ -25,6 +26,11 @@ class EpisodeSampler:
     :meth:`sample` picks ``ways`` distinct classes in a random order and relabels them
     ``0 .. ways - 1`` in that order, then picks ``shots + queries`` distinct examples of each
     class: ``shots`` go to the support set, ``queries`` to the query set, so no example is in both.
+
+    A :class:`LabelledImages` of uint8 pixels (the few-shot readers) is converted and normalised
+    here, for the drawn rows only (:meth:`LabelledImages.gather`). ``transform`` (an episode
+    transform such as ``compose(random_crop(84, padding=8), random_flip())``, see
+    :func:`compose`) is applied last to every meta-batch, with the same generator.
 
     Example:
         >>> import torch
@@ -43,6 +49,8 @@ class EpisodeSampler:
     queries: int
     classes: list[int]
     """The label values sampled from, in the order given."""
+    transform: EpisodeTransform | None
+    """Applied to every sampled episode, or ``None``."""
 
     def __init__(
         self,
@@ -52,7 +60,15 @@ class EpisodeSampler:
         ways: int,
         shots: int,
         queries: int,
+        transform: EpisodeTransform | None = None,
     ) -> None:
+        if transform is not None and not callable(transform):
+            raise TypeError(
+                f"{_CALL}: expected transform to be None or callable as transform(episode, "
+                f"generator), got {describe(transform)}. Chain several with compose(...)."
+            )
+        self.transform = transform
+        self._dataset = dataset if isinstance(dataset, LabelledImages) else None
         if isinstance(dataset, LabelledImages):
             inputs, labels, names = dataset.images, dataset.labels, dataset.class_names
         elif (
@@ -182,16 +198,23 @@ class EpisodeSampler:
         rows = self._table[chosen[..., None], picks]
         support_idx = rows[..., :shots].reshape(num_tasks, ways * shots)
         query_idx = rows[..., shots:].reshape(num_tasks, ways * self.queries)
-        data_device = self._inputs.device
+        if self._dataset is not None:
+            images = self._dataset.images
+            data_device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
+        else:
+            data_device = self._inputs.device
         out_device = data_device if device is None else torch.device(device)
 
         def gather(idx: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x = self._inputs[idx.to(data_device)].to(out_device)
+            if self._dataset is not None:
+                x = self._dataset.gather(idx, out_device)
+            else:
+                x = self._inputs[idx.to(data_device)].to(out_device)
             y = torch.arange(ways, device=out_device).repeat_interleave(per_class)
             return x, y.expand(num_tasks, ways * per_class).clone()
 
         classes = torch.tensor(self.classes, dtype=torch.long)[chosen]
-        return Episode(
+        episode = Episode(
             support=gather(support_idx, shots),
             query=gather(query_idx, self.queries),
             info={
@@ -200,6 +223,7 @@ class EpisodeSampler:
                 "query_indices": query_idx.to(out_device),
             },
         )
+        return episode if self.transform is None else self.transform(episode, generator)
 
     def __repr__(self) -> str:
         return (
