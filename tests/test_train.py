@@ -42,6 +42,8 @@ def test_every_algorithm_runs_on_sinusoid(algorithm, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".run.lock",
         "checkpoint.pt",
+        "config.toml",
+        "metrics.csv",
         "results.json",
     ]
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

@@ -473,7 +473,9 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_no_temp_file(tmp
     assert f"{tmp_path / 'checkpoint.pt'} (step 1) is kept" in message
     assert _checkpoint(tmp_path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "checkpoint.pt"
+        "checkpoint.pt",
+        "config.toml",
+        "metrics.csv",
     ]
 
 

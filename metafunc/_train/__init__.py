@@ -2,19 +2,22 @@
 
 Every run writes to ``--out`` (default ``runs/<algorithm>-<task>-seed<seed>``, or the next free
 ``...-2``, ``-3``, ... when that holds an earlier run): ``checkpoint.pt`` (resumable exactly with
-``--resume``), ``results.json`` and ``training.png`` (with matplotlib). A run holds its folder for
-its life (a lock that the OS releases when the process dies), never overwrites another run unless
-told to (``--overwrite``), stops at the first non-finite meta-loss or meta-gradient without saving
-it, and on Ctrl-C saves the last completed step and prints how to resume. A failure is a
+``--resume``), ``results.json``, ``metrics.csv`` (a row per step), ``config.toml`` (the resolved
+flags, which ``--config`` repeats), ``training.png`` (with matplotlib) and, with
+``--tensorboard``, event files in ``tensorboard/``. A run holds its folder for its life (a lock
+that the OS releases when the process dies), never overwrites another run unless told to
+(``--overwrite``), stops at the first non-finite meta-loss or meta-gradient without saving it,
+and on Ctrl-C saves the last completed step and prints how to resume. A failure is a
 :class:`RunError`: ``main`` prints it as ``python -m metafunc train: <message>`` and exits with
 its code (2: the command line asks for what cannot be done; 1: the files, the data or the
 training failed; 130: interrupted).
 
-The files, one job each: ``_cli`` (flags, defaults, help, ``parse``), ``_models`` (MLP and
-ConvNet), ``_tasks`` (the task splits), ``_learners`` (the learner and ``--strategy auto``),
-``_folder`` (the run folder and its lock), ``_snapshot`` (checkpoint files), ``_loop`` (``run``:
-the training loop and evaluation), ``_report`` (progress, summaries, results.json, plot, table)
-and ``_errors`` (:class:`RunError`).
+The files, one job each: ``_cli`` (flags, defaults, help, ``parse``), ``_config`` (``--config``
+files and ``config.toml``), ``_models`` (MLP and ConvNet), ``_tasks`` (the task splits),
+``_learners`` (the learner and ``--strategy auto``), ``_folder`` (the run folder and its lock),
+``_snapshot`` (checkpoint files), ``_loop`` (``run``: the training loop and evaluation),
+``_metrics`` (``metrics.csv``, TensorBoard), ``_report`` (tqdm progress, summaries,
+results.json, plot, table) and ``_errors`` (:class:`RunError`).
 """
 
 from __future__ import annotations

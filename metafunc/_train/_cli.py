@@ -4,15 +4,18 @@ the flags a run records (:func:`_config`) and the command that resumes a run."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._config import with_file
 from ._errors import PROG
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad")
@@ -92,6 +95,7 @@ def _default_help(dest: str, default: Any) -> str:
 # defaults that are not a value
 _SHOWN = {
     "out": "runs/<algorithm>-<task>-seed<seed>",
+    "config": "none",
     "threads": "chosen from the cores this process may use and the size of a meta-step: 1 for "
     "small models such as the sinusoid MLP, whose kernels are too small to share and stall on a "
     "busy machine",
@@ -102,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Meta-train an algorithm on a task family, evaluate it on held-out tasks, "
-        "and write a checkpoint, results.json and a plot. Exit status: 0 done, 1 failed (the "
+        "and write a checkpoint, results.json, metrics.csv, config.toml and a plot. Exit "
+        "status: 0 done, 1 failed (the "
         "files, the data or the training), 2 a usage error, 130 interrupted (Ctrl-C saves the "
         "last step and prints the command that resumes it).",
     )
@@ -165,12 +170,25 @@ def parser() -> argparse.ArgumentParser:
         "anew", action="store_true")  # fmt: skip
     add("--no-plot", "do not write training.png", action="store_true")
     add("--quiet", "print nothing but errors and warnings", action="store_true")
+    add(
+        "--tensorboard",
+        "also write TensorBoard event files into <out>/tensorboard (needs the tensorboard "
+        "package: pip install 'metafunc[tensorboard]')",
+        action="store_true",
+    )
+    add(
+        "--config",
+        "a TOML file of flags (keys: the flags' names, with - or _); flags given here override "
+        "it. A run writes its resolved flags to <out>/config.toml, which --config repeats",
+        metavar="FILE",
+    )
     return p
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser()
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(with_file(argv, p))  # the command line's flags override the file's
     for name, (default, scope, kind) in _SCOPED.items():
         value = getattr(args, name)
         if value is None:
@@ -222,6 +240,15 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
             )
     if args.task != "sinusoid" and args.ways < 2:
         p.error("--ways must be at least 2 for classification")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
+        except ImportError:
+            p.error(
+                "--tensorboard needs the tensorboard package, which is not installed; install it "
+                "with pip install 'metafunc[tensorboard]' (or pip install tensorboard), or drop "
+                "--tensorboard"
+            )
     return args
 
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -24,7 +25,8 @@ from .. import distributed
 from ._errors import PROG, RunError, _Taken, _why
 
 # the files of a run in --out (what --overwrite deletes), and the lock held while a run lives
-RUN_FILES = ("checkpoint.pt", "results.json", "training.png")
+RUN_FILES = ("checkpoint.pt", "results.json", "training.png", "metrics.csv", "config.toml")
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files: a run's too
 _LOCK, _OWNER = ".run.lock", ".run.lock.json"
 
 
@@ -173,7 +175,7 @@ def _open_folder(path: Path, resume: bool, overwrite: bool, command: str) -> Run
         _remove_dirs(made)
         raise
     try:
-        present = [name for name in RUN_FILES if (path / name).exists()]
+        present = [name for name in (*RUN_FILES, TENSORBOARD_DIR) if (path / name).exists()]
         if present and not (resume or overwrite):
             written = max((path / name).stat().st_mtime for name in present)
             raise _Taken(
@@ -185,7 +187,10 @@ def _open_folder(path: Path, resume: bool, overwrite: bool, command: str) -> Run
             )
         for stale in _stale_temps(path) + [path / n for n in present if overwrite]:
             try:
-                stale.unlink()
+                if stale.is_dir():  # the tensorboard folder
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
             except OSError as e:
                 raise RunError(f"--out {path}: cannot remove {stale}: {_why(e)}.") from None
     except BaseException:

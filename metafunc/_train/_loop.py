@@ -24,9 +24,12 @@ import metafunc
 from .. import distributed
 from .._threads import choose_threads
 from ._cli import _MAX_SKIPS, _config, _launched_processes, _resume_command
-from ._errors import PROG, RunError
+from ._config import render as render_config
+from ._config import write as write_config
+from ._errors import PROG, RunError, _why
 from ._folder import RunFolder, _share_folder
 from ._learners import _choose_strategy, _Compiled, _learner, _msl_weights, compiled_meta_grad
+from ._metrics import MetricsLog, inner_lrs
 from ._models import ConvNet, _mlp
 from ._report import Progress, _summaries, _warn, _write
 from ._snapshot import _check_data, _check_resume, _fingerprint, _load_checkpoint, _restore, _save
@@ -145,136 +148,170 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
             learner.load_state_dict(states[distributed.rank()])
         history, start, seconds = resumed["history"], resumed["step"], resumed["seconds"]
         smooth, skipped, before = resumed["smooth"], resumed["skipped"], resumed["before"]
-    show = not args.quiet and main_process  # progress on stderr
-    if start == 0:
-        before = _evaluate(
-            learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
-            shown="before meta-training" if show else None,
-        )  # fmt: skip
-        _summaries(before, "before meta-training" if main_process else None)
-    progress = Progress(args.steps, start, enabled=show)
-    t0 = time.perf_counter()
+    # metrics.csv (and with --tensorboard the event files) in the main process
+    texts = {"run/strategy": strategy, "run/config": render_config(_config(args))}
+    log = MetricsLog(folder, args.tensorboard, start, texts) if main_process else None
+    try:
+        show = not args.quiet and main_process  # progress on stderr
+        if start == 0:
+            before = _evaluate(
+                learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+                shown="before meta-training" if show else None,
+            )  # fmt: skip
+            before_summaries = _summaries(before, "before meta-training" if main_process else None)
+            if log is not None:
+                log.test(before_summaries, 0)
+        progress = Progress(args.steps, start, enabled=show)
+        t0 = time.perf_counter()
 
-    def checkpoint(step: int) -> None:
-        # one host sync per checkpoint: parameters are never saved non-finite
-        if not torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all():
-            raise RunError(
-                f"step {step}: the meta-parameters are not finite, so they were not saved. "
-                f"Lower --outer-lr ({args.outer_lr}) and start again. {folder.kept()}"
-            )
-        states = None
-        if hasattr(learner, "state_dict"):  # per-process state (WarpGrad's replay buffer)
-            state = learner.state_dict()
-            states = [state]
-            if distributed.world_size() > 1:
-                states = [None] * distributed.world_size()
-                torch.distributed.all_gather_object(states, state)
-        if main_process:  # one writer; the others hold the same parameters
-            payload = {
-                "args": _config(args),
-                "step": step,
-                "strategy": strategy,
-                "meta": [leaf.detach().clone() for leaf in leaves],
-                "outer": outer.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "learner": states,
-                "history": history,
-                "seconds": seconds + time.perf_counter() - t0,
-                "smooth": smooth,
-                "before": before,
-                "data": fingerprint,
-                "skipped": skipped,
-            }
-            _save(folder, step, payload)
-        folder.saved = step
-
-    in_a_row = 0  # non-finite steps skipped just before this one (resumes continue the count)
-    while start - in_a_row in skipped:
-        in_a_row += 1
-    val_text = ""
-    with _CtrlC(enabled=distributed.world_size() == 1) as ctrl_c:
-        try:
-            for step in range(start + 1, args.steps + 1):
-                if args.algorithm == "mamlpp":  # anneal the multi-step loss over the first 25 %
-                    learner = learner.with_step_weights(
-                        _msl_weights(args.inner_steps, step / (0.25 * args.steps))
-                    )
-                episode = tasks.sample("train", args.meta_batch, generator, device)
-                # one process: learner.meta_grad; under torchrun each process takes its share
-                # of the tasks and the task-weighted mean is all-reduced (metafunc.distributed)
-                grads, metrics = distributed.meta_grad(
-                    learner if compiled is None else _Compiled(learner, compiled),
-                    meta,
-                    episode.support,
-                    episode.query,
+        def checkpoint(step: int) -> None:
+            # one host sync per checkpoint: parameters are never saved non-finite
+            if not torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all():
+                raise RunError(
+                    f"step {step}: the meta-parameters are not finite, so they were not saved. "
+                    f"Lower --outer-lr ({args.outer_lr}) and start again. {folder.kept()}"
                 )
-                grad_leaves = optree.tree_leaves(grads)
-                # the step's one host sync: the mean meta-loss and each gradient's largest
-                # |entry|, NaN or inf when an entry is not finite (one fused kernel over all
-                # leaves, where isfinite(g).all() would take two per leaf)
-                peaks = torch._foreach_norm(grad_leaves, math.inf)
-                loss, *peak = torch.stack([metrics["loss"].detach().mean(), *peaks]).tolist()
-                finite = [math.isfinite(p) for p in peak]
-                if math.isfinite(loss) and all(finite):
-                    for leaf, g in zip(leaves, grad_leaves):
-                        leaf.grad = g
-                    outer.step()
-                    smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
-                    in_a_row = 0
-                else:  # the step is not applied
-                    in_a_row += 1
-                    if args.on_nonfinite == "stop" or in_a_row >= _MAX_SKIPS:
-                        message = _nonfinite(step, loss, finite, grads, episode, args, in_a_row)
-                        raise RunError(f"{message} {folder.kept()}")
-                    skipped.append(step)
-                history["step"].append(step)
-                history["meta_loss"].append(smooth)
-                if step % args.eval_every == 0 or step == args.steps:
-                    val_text = _validate(learner, meta, tasks, args, device, step, history)
-                if step % args.checkpoint_every == 0 or step == args.steps:
-                    checkpoint(step)
-                shown = "-" if smooth is None else f"{smooth:.3f}"
-                progress.update(step, f"meta-loss {shown} {val_text}")
-                if ctrl_c.pressed:
-                    if folder.saved != step:
-                        checkpoint(step)
-                    raise RunError(
-                        f"interrupted after step {step}; saved {folder.checkpoint} (step {step})."
-                        f" Resume with: {_resume_command(argv, args, out)}",
-                        130,
+            states = None
+            if hasattr(learner, "state_dict"):  # per-process state (WarpGrad's replay buffer)
+                state = learner.state_dict()
+                states = [state]
+                if distributed.world_size() > 1:
+                    states = [None] * distributed.world_size()
+                    torch.distributed.all_gather_object(states, state)
+            if main_process:  # one writer; the others hold the same parameters
+                payload = {
+                    "args": _config(args),
+                    "step": step,
+                    "strategy": strategy,
+                    "meta": [leaf.detach().clone() for leaf in leaves],
+                    "outer": outer.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "learner": states,
+                    "history": history,
+                    "seconds": seconds + time.perf_counter() - t0,
+                    "smooth": smooth,
+                    "before": before,
+                    "data": fingerprint,
+                    "skipped": skipped,
+                }
+                _save(folder, step, payload)
+            if log is not None:  # in step with the checkpoint: a resume never repeats a row
+                if log.written is None:  # this run's first checkpoint: its resolved flags too
+                    _write_config(folder, args)
+                log.save(history)
+            folder.saved = step
+
+        in_a_row = 0  # non-finite steps skipped just before this one (resumes continue the count)
+        while start - in_a_row in skipped:
+            in_a_row += 1
+        val_text = ""
+        with _CtrlC(enabled=distributed.world_size() == 1) as ctrl_c:
+            try:
+                for step in range(start + 1, args.steps + 1):
+                    if args.algorithm == "mamlpp":  # anneal the multi-step loss over the first 25 %
+                        learner = learner.with_step_weights(
+                            _msl_weights(args.inner_steps, step / (0.25 * args.steps))
+                        )
+                    episode = tasks.sample("train", args.meta_batch, generator, device)
+                    validated = False
+                    # one process: learner.meta_grad; under torchrun each process takes its share
+                    # of the tasks and the task-weighted mean is all-reduced (metafunc.distributed)
+                    grads, metrics = distributed.meta_grad(
+                        learner if compiled is None else _Compiled(learner, compiled),
+                        meta,
+                        episode.support,
+                        episode.query,
                     )
-        finally:
-            progress.close()
-    seconds += time.perf_counter() - t0
-    final = _evaluate(
-        learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
-        shown="after meta-training" if show else None,
-    )  # fmt: skip
-    results: dict[str, Any] = {
-        "algorithm": args.algorithm,
-        "task": args.task,
-        "config": _config(args),
-        "strategy": strategy,
-        "device": str(device),
-        "threads": threads,
-        "processes": distributed.world_size(),
-        "versions": {
-            "metafunc": metafunc.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "meta_steps": args.steps,
-        "train_seconds": seconds,
-        "skipped_steps": skipped,
-        "test_before": _summaries(before or {}, None),
-        "test_after": _summaries(final, "after meta-training" if main_process else None),
-        "history": history,
-    }
-    if not main_process:
+                    grad_leaves = optree.tree_leaves(grads)
+                    # the step's one host sync: the mean meta-loss and each gradient's largest
+                    # |entry|, NaN or inf when an entry is not finite (one fused kernel over all
+                    # leaves, where isfinite(g).all() would take two per leaf)
+                    peaks = torch._foreach_norm(grad_leaves, math.inf)
+                    loss, *peak = torch.stack([metrics["loss"].detach().mean(), *peaks]).tolist()
+                    finite = [math.isfinite(p) for p in peak]
+                    if math.isfinite(loss) and all(finite):
+                        for leaf, g in zip(leaves, grad_leaves):
+                            leaf.grad = g
+                        outer.step()
+                        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+                        in_a_row = 0
+                    else:  # the step is not applied
+                        in_a_row += 1
+                        if args.on_nonfinite == "stop" or in_a_row >= _MAX_SKIPS:
+                            message = _nonfinite(step, loss, finite, grads, episode, args, in_a_row)
+                            raise RunError(f"{message} {folder.kept()}")
+                        skipped.append(step)
+                    history["step"].append(step)
+                    history["meta_loss"].append(smooth)
+                    if step % args.eval_every == 0 or step == args.steps:
+                        val_text = _validate(learner, meta, tasks, args, device, step, history)
+                        validated = True
+                    if log is not None and log.writer is not None:  # --tensorboard
+                        lrs = None
+                        if validated:  # the learned rates cost a host sync: at validations only
+                            inner = inner_lrs(meta, args.inner_lr)
+                            lrs = {"outer": outer.param_groups[0]["lr"], "inner": inner}
+                        log.step(step, history, lrs)
+                    if step % args.checkpoint_every == 0 or step == args.steps:
+                        checkpoint(step)
+                    shown = "-" if smooth is None else f"{smooth:.3f}"
+                    progress.update(step, f"meta-loss {shown} {val_text}")
+                    if ctrl_c.pressed:
+                        if folder.saved != step:
+                            checkpoint(step)
+                        raise RunError(
+                            f"interrupted after step {step}; saved {folder.checkpoint} (step "
+                            f"{step}). Resume with: {_resume_command(argv, args, out)}",
+                            130,
+                        )
+            finally:
+                progress.close()
+        seconds += time.perf_counter() - t0
+        final = _evaluate(
+            learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+            shown="after meta-training" if show else None,
+        )  # fmt: skip
+        results: dict[str, Any] = {
+            "algorithm": args.algorithm,
+            "task": args.task,
+            "config": _config(args),
+            "strategy": strategy,
+            "device": str(device),
+            "threads": threads,
+            "processes": distributed.world_size(),
+            "versions": {
+                "metafunc": metafunc.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "meta_steps": args.steps,
+            "train_seconds": seconds,
+            "skipped_steps": skipped,
+            "test_before": _summaries(before or {}, None),
+            "test_after": _summaries(final, "after meta-training" if main_process else None),
+            "history": history,
+        }
+        if not main_process:
+            return results
+        if log is not None:
+            log.test(results["test_after"], args.steps)
+        _write(results, args, folder, learner, meta, tasks, device)
         return results
-    _write(results, args, folder, learner, meta, tasks, device)
-    return results
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _write_config(folder: RunFolder, args: argparse.Namespace) -> None:
+    """``config.toml``: the run's resolved flags, which ``--config`` reads back into the run."""
+    try:
+        write_config(folder.path, _config(args))
+    except OSError as e:
+        raise RunError(
+            f"cannot write {folder.path / 'config.toml'}: {_why(e)}. Is the disk full? "
+            f"{folder.kept()}"
+        ) from None
 
 
 def _set_threads(args, model: nn.Module, device) -> dict[str, Any]:

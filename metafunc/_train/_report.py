@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import optree
 import torch
+from tqdm import tqdm
 
 from .. import data
 from ._errors import PROG, RunError, _why
@@ -23,44 +25,94 @@ _Z95 = 1.959963984540054
 
 
 class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise.
+    """Progress on stderr: a tqdm bar on a terminal or in a notebook, a line per 10 % in a log.
 
-    The training steps' lines read ``step k/N <text>``; with a ``label`` (another phase, such as
-    ``"evaluating 600 test tasks:"``) both the lines and the bar start with it instead.
+    On a terminal (or in a Jupyter notebook) the bar is tqdm's, redrawn in place, with the rate
+    and the time left; when stderr is a file or a pipe (a log, CI) a redrawn bar would be one
+    line of carriage returns, so each tenth of the way is a line of its own instead, the
+    training's with the time spent, the time left and the rate. The training steps' lines read
+    ``step k/N <text>``; with a ``label`` (another phase, such as ``"evaluating 600 test
+    tasks:"``) both the lines and the bar start with it instead.
     """
 
     def __init__(self, total: int, start: int, enabled: bool = True, label: str | None = None):
         self.total, self.start_step, self.enabled = total, start, enabled
         self.label = label
-        self.tty = sys.stderr.isatty()
-        self.t0, self.last_draw, self.last_decile = time.perf_counter(), 0.0, -1
-        self.open_line = False  # a bar drawn on a terminal, not ended by a newline yet
+        self.t0, self.last_decile = time.perf_counter(), -1
+        self.bar: Any = None
+        if enabled and (sys.stderr.isatty() or _in_notebook()):
+            self.bar = _bar_class()(
+                total=total,
+                initial=start,
+                file=sys.stderr,  # read now: a caller may have replaced sys.stderr
+                desc="" if label is None else f"{label} ",
+                bar_format=_BAR_FORMAT,
+                ascii=".#",
+                unit=" it",
+                mininterval=0.2,
+                dynamic_ncols=True,
+            )
 
     def update(self, step: int, text: str) -> None:
         if not self.enabled:
             return
-        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.text = text
+            self.bar.update(step - self.bar.n)
+            if step == self.total:
+                self.close()
+            return
         decile = 10 * step // self.total
-        if self.tty and (now - self.last_draw > 0.2 or step == self.total):
-            done = int(30 * step / self.total)
-            rate = (step - self.start_step) / max(now - self.t0, 1e-9)
-            bar = "#" * done + "." * (30 - done)
-            title = "" if self.label is None else f"{self.label} "
-            sys.stderr.write(f"\r{title}[{bar}] {step}/{self.total} {text} {rate:.1f} it/s ")
-            sys.stderr.flush()
-            self.last_draw, self.open_line = now, True
-        elif not self.tty and decile != self.last_decile:
-            line = f"{self.label or 'step'} {step}/{self.total} {text}"
-            sys.stderr.write(f"{line.rstrip()}\n")
+        if decile != self.last_decile:
+            line = f"{self.label or 'step'} {step}/{self.total} {text}".rstrip()
+            if self.label is None and step > self.start_step:
+                line += f" [{self._timing(step)}]"
+            sys.stderr.write(f"{line}\n")
             self.last_decile = decile
-        if step == self.total and self.tty:
-            self.close()
+
+    def _timing(self, step: int) -> str:
+        """``elapsed<left, rate it/s`` in tqdm's words, for the lines of a log."""
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start_step) / max(elapsed, 1e-9)
+        left = tqdm.format_interval((self.total - step) / rate)
+        return f"{tqdm.format_interval(elapsed)}<{left}, {rate:.1f} it/s"
 
     def close(self) -> None:
         """Ends the bar's line, so that what follows starts on a line of its own."""
-        if self.open_line:
-            sys.stderr.write("\n")
-            self.open_line = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# the bar on a terminal: "[label ][####......] k/N <text> [elapsed<left, rate it/s]"
+_BAR_FORMAT = "{desc}[{bar:30}] {n_fmt}/{total_fmt} {text} [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (whose stderr is no terminal, but shows a bar)."""
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    return get is not None and "IPKernelApp" in getattr(get(), "config", {})
+
+
+def _bar_class() -> type:
+    """tqdm's bar (its notebook widget in a notebook), with the caller's ``text`` in the line.
+
+    tqdm's own ``postfix`` would print ``, <text>``; a ``text`` key in ``format_dict`` puts it
+    where the runner's lines have it.
+    """
+    base: type = tqdm
+    if _in_notebook():  # tqdm.auto's bar is a notebook widget there (with ipywidgets)
+        base = importlib.import_module("tqdm.auto").tqdm
+
+    class _Bar(base):
+        text = ""
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "text": self.text}
+
+    return _Bar
 
 
 def _warn(text: str) -> None:
