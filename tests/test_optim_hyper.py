@@ -9,6 +9,7 @@ from _registry import REGISTRY, hyper_value, loss_fn, with_hypers
 
 import metafunc
 import metafunc.optim as mo
+from metafunc.testing import check_grads
 
 ALL = [pytest.param(case, id=case.name) for case in REGISTRY]
 
@@ -63,41 +64,41 @@ def test_meta_gradient_wrt_learnable_tensor_matches_finite_differences(case):
         if config.get("nesterov") and key == "dampening":
             continue
         value = hyper_value(case, config, key)
-        h = torch.tensor(value, dtype=torch.float64, requires_grad=True)
-        loss = _meta_loss(case.ours(**with_hypers(config, {key: h})), params, coeffs)
-        (grad,) = torch.autograd.grad(loss, h)
-        step = 1e-6 * max(1.0, abs(value))
-
-        def at(v, key=key):
-            # a tensor value is not range-checked, so the difference may straddle 0 (weight decay)
-            v = torch.tensor(v, dtype=torch.float64)
-            return _meta_loss(case.ours(**with_hypers(config, {key: v})), params, coeffs).item()
-
-        fd = (at(value + step) - at(value - step)) / (2 * step)
-        assert grad.item() == pytest.approx(fd, rel=1e-5, abs=1e-7), key
+        # a tensor value is not range-checked, so the difference may straddle 0 (weight decay)
+        meta_loss = lambda h, key=key: _meta_loss(
+            case.ours(**with_hypers(config, {key: h})), params, coeffs
+        )
+        # atol=0: |a - n| <= 1e-5 |n| is within the former pytest.approx(n, rel=1e-5, abs=1e-7)
+        check_grads(
+            meta_loss,
+            (torch.tensor(value, dtype=torch.float64),),
+            modes=("rev", "autograd"),
+            eps=1e-6 * max(1.0, abs(value)),
+            atol=0.0,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("case", ALL)
 def test_meta_gradient_wrt_per_element_lr_matches_finite_differences(case):
-    """Meta-SGD style: one learnable learning rate per parameter entry."""
+    """Meta-SGD style: one learnable learning rate per parameter entry, every entry checked (the
+    tolerance is within the former pytest.approx(rel=1e-5, abs=1e-7) on two entries per leaf)."""
     params, coeffs = _problem(2)
     config = case.configs[0]
     value = hyper_value(case, config, "lr")
-    lrs = {k: torch.full_like(v, value).requires_grad_() for k, v in params.items()}
-    loss = _meta_loss(case.ours(**with_hypers(config, {"lr": lrs})), params, coeffs)
-    grads = torch.autograd.grad(loss, list(lrs.values()))
-    step = 1e-6 * max(1.0, value)
-    for (k, lr), grad in zip(lrs.items(), grads):
-        for idx in [(0,) * lr.dim(), tuple(s - 1 for s in lr.shape)]:
-
-            def at(delta, k=k, idx=idx):
-                shifted = {n: t.detach().clone() for n, t in lrs.items()}
-                shifted[k][idx] += delta
-                opt = case.ours(**with_hypers(config, {"lr": shifted}))
-                return _meta_loss(opt, params, coeffs).item()
-
-            fd = (at(step) - at(-step)) / (2 * step)
-            assert grad[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-7), (k, idx)
+    lrs = {k: torch.full_like(v, value) for k, v in params.items()}
+    meta_loss = lambda lrs: _meta_loss(
+        case.ours(**with_hypers(config, {"lr": lrs})), params, coeffs
+    )
+    check_grads(
+        meta_loss,
+        (lrs,),
+        modes=("rev", "autograd"),
+        eps=1e-6 * max(1.0, value),
+        atol=0.0,
+        rtol=1e-5,
+        exhaustive_numel=lrs["w"].numel(),
+    )
 
 
 def test_meta_sgd_one_step_closed_form():

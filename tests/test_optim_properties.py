@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import metafunc
 import metafunc.optim as mo
+from metafunc.testing import assert_pure, assert_vmap_matches_loop, check_grads
 
 ALL = [pytest.param(case, id=case.name) for case in REGISTRY]
 ALL_CONFIGS = [
@@ -51,14 +52,15 @@ def test_pure_no_input_modified(case, index):
     opt = case.ours(**case.configs[index])
     state = opt.init(params)
     updates, state = opt.update(grads, state, params)  # a non-trivial state
-    tensors = optree.tree_leaves((params, grads, state, updates))
-    before = [(t.clone(), t._version) for t in tensors]
-    updates2, state2 = opt.update(grads, state, params)
-    metafunc.apply_updates(params, updates2)
-    opt.init(params)
-    for t, (value, version) in zip(tensors, before):
-        assert t._version == version
-        assert torch.equal(t, value)
+
+    def next_step(params, grads, state, updates):
+        updates2, state2 = opt.update(grads, state, params)
+        metafunc.apply_updates(params, updates2)
+        opt.init(params)
+        return updates2, state2
+
+    # no input (nor the previous updates) written, values or versions; a repeat call agrees
+    updates2, state2 = assert_pure(next_step, params, grads, state, updates)
     # new state and updates never alias the inputs
     ids = {t.data_ptr() for t in optree.tree_leaves((params, grads)) if t.numel()}
     assert not any(
@@ -117,25 +119,16 @@ def test_vmap_over_tasks_equals_loop_with_shared_hyperparameters(case, device):
             p = metafunc.apply_updates(p, updates)
         return p
 
-    def meta_loss_vmapped(hyper):
-        out = torch.func.vmap(adapted, in_dims=(None, 0, 0))(hyper, stacked_p, stacked_c)
-        return sum((v**2).sum() for v in out.values()), out
-
-    def meta_loss_loop(hyper):
-        outs = [adapted(hyper, p, c) for p, c in tasks]
-        return sum((v**2).sum() for o in outs for v in o.values()), outs
-
     h = torch.tensor(hyper_value(case, config, key), dtype=torch.float64, device=device)
-    h_v = h.clone().requires_grad_()
+    in_dims = (None, 0, 0)
+    assert_vmap_matches_loop(adapted, in_dims, h, stacked_p, stacked_c, rtol=1e-12, atol=1e-12)
+    # the meta-gradient w.r.t. the shared hyperparameter, task by task
+    assert_vmap_matches_loop(
+        adapted, in_dims, h, stacked_p, stacked_c, grads=1, rtol=1e-10, atol=1e-12
+    )
     h_l = h.clone().requires_grad_()
-    lv, out_v = meta_loss_vmapped(h_v)
-    ll, out_l = meta_loss_loop(h_l)
-    for i, o in enumerate(out_l):
-        for k in o:
-            torch.testing.assert_close(out_v[k][i], o[k], rtol=1e-12, atol=1e-12)
-    (gv,) = torch.autograd.grad(lv, h_v)
-    (gl,) = torch.autograd.grad(ll, h_l)
-    torch.testing.assert_close(gv, gl, rtol=1e-10, atol=1e-12)
+    outs = [adapted(h_l, p, c) for p, c in tasks]
+    (gl,) = torch.autograd.grad(sum((v**2).sum() for o in outs for v in o.values()), h_l)
     assert gl.abs() > 0
 
 
@@ -232,6 +225,25 @@ def test_zero_gradient_check_can_fail_with_a_naive_sqrt():
 
     meta = _zero_grad_meta_gradient(naive_adam(), torch.float64, "cpu")
     assert torch.isnan(meta).any()
+    # and the public check reports it, where metafunc's Adam passes
+    w = torch.tensor([0.0, 0.5, 0.0, -1.0], dtype=torch.float64)
+    meta_loss = lambda opt: lambda w: _zero_grad_meta_gradient_value(opt, w)
+    with pytest.raises(AssertionError, match=r"analytic derivative is nan where the numeric"):
+        check_grads(meta_loss(naive_adam()), (w,), modes=("autograd",))
+    check_grads(meta_loss(mo.adam(lr=1e-3)), (w,), modes=("autograd",), order=2)
+
+
+def _zero_grad_meta_gradient_value(opt, w):
+    """The meta-loss of :func:`_zero_grad_meta_gradient` as a function of ``w``."""
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=w.dtype)
+    p, state = {"w": w}, opt.init({"w": w})
+    for _ in range(3):
+        loss = (mask * (p["w"] - 0.3) ** 2).sum()
+        (g,) = torch.autograd.grad(loss, [p["w"]], create_graph=True)
+        g = g + p["w"] * (1 - mask) * 0
+        updates, state = opt.update({"w": g}, state, p)
+        p = metafunc.apply_updates(p, updates)
+    return (p["w"] ** 2).sum() + p["w"].sum()
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")

@@ -13,6 +13,7 @@ hand-written ``functional_call`` model and ``torch.func.grad``, with no metafunc
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -37,6 +38,7 @@ from torch.func import functional_call, grad, vmap
 
 import metafunc
 import metafunc.optim as mo
+from metafunc.testing import assert_vmap_matches_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -253,6 +255,9 @@ def test_property_vmap_strategy_equals_the_loop_for_random_mlps(
     losses = run(params, xs, ys)
     _assert_trees_close(losses.detach(), expected.detach(), rtol=1e-12)
     _assert_trees_close(_meta_grad(losses.sum(), params), _meta_grad(expected.sum(), params))
+    # and task by task, through the public check (vmap_tasks as the vmap under test)
+    vmap = functools.partial(metafunc.vmap_tasks, strategy="vmap", chunk_size=chunk_size)
+    assert_vmap_matches_loop(task, (None, 0, 0), params, xs, ys, grads=1, vmap=vmap, rtol=1e-10)
 
 
 @given(
