@@ -35,6 +35,7 @@ from ._base import (
     masked,
     set_to_zero,
 )
+from ._learned import LearnedState, init_learned_weights, learned, learned_num_features
 from ._rms import (
     ScaleByAdadeltaState,
     ScaleByAdagradState,
@@ -56,6 +57,7 @@ from ._transforms import (
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "LearnedState",
     "ScaleByAdadeltaState",
     "ScaleByAdagradState",
     "ScaleByAdamState",
@@ -77,6 +79,9 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "identity",
+    "init_learned_weights",
+    "learned",
+    "learned_num_features",
     "masked",
     "nadam",
     "radam",
