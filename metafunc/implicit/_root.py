@@ -25,12 +25,12 @@ from typing import Any
 
 import optree
 import torch
-from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from .. import _checks
 from .._tree_math import detach, norm
 from .._typing import PyTree
 from ._backward import Implicit, Problem
+from ._batched import failing_tasks, may_need_grad
 from ._linear import SolveInfo, all_true, plain, solve_normal_cg
 
 __all__ = ["ImplicitSolveWarning", "custom_fixed_point", "custom_root"]
@@ -45,39 +45,6 @@ class ImplicitSolveWarning(RuntimeWarning):
 
 def _is_diff(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-
-
-def _may_need_grad(x: torch.Tensor) -> bool:
-    """Whether a gradient can reach ``x``: ``requires_grad`` at any ``torch.func`` level.
-
-    A tensor batched by ``vmap`` reports ``requires_grad=False`` even when the tensor it batches
-    requires grad (a leaf of the autograd graph around ``vmap``, or the input of an outer
-    ``torch.func.grad``): the question is asked of each tensor under the wrappers.
-    """
-    with torch._C._DisableFuncTorch():  # read the wrappers' own flags, not the current level's
-        while not x.requires_grad:
-            if not (is_batchedtensor(x) or is_functorch_wrapped_tensor(x)):
-                return False
-            x = get_unwrapped(x)
-        return True
-
-
-def _failing_tasks(ok: torch.Tensor, worst: int | None = None) -> str:
-    """Names the tasks whose flag in ``ok`` is false, by their index in the batch, when ``ok``
-    holds one flag per task of a ``vmap``: `` (1 of 3 tasks: task 2)``; ``""`` for one flag.
-    ``worst``, when given, is the task whose numbers the message shows."""
-    flags = plain(ok)
-    if flags.numel() <= 1:
-        return ""
-    failing = (~flags).reshape(-1).nonzero().reshape(-1).tolist()
-    count = f"{len(failing)} of {flags.numel()} tasks"
-    if flags.dim() != 1:  # nested vmaps: the order of the batch dimensions is not known here
-        return f" ({count})"
-    if len(failing) == 1:
-        return f" ({count}: task {failing[0]})"
-    shown = ", ".join(str(i) for i in failing[:10]) + (", ..." if len(failing) > 10 else "")
-    whose = "" if worst is None else f"; the numbers are task {worst}'s, the worst"
-    return f" ({count}: tasks {shown}{whose})"
 
 
 def _parameters(fn: Callable[..., Any]) -> Any:
@@ -141,7 +108,7 @@ class _Root:
         failing = plain(torch.where(ok, -1.0, optimality)).reshape(-1)
         limits = plain(torch.where(ok, 0.0, limit)).reshape(-1)
         worst = int(torch.argmax(failing))
-        tasks = _failing_tasks(ok, worst)
+        tasks = failing_tasks(ok, worst)
         at_sol, at_init = self.residual
         message = (
             f"{self.call}: the solution is not a root, so its implicit gradient (exact only "
@@ -165,7 +132,7 @@ class _Root:
             return
         worst = plain(info.residual).max().item()
         iters = plain(info.iterations).max().item()
-        tasks = _failing_tasks(info.converged)
+        tasks = failing_tasks(info.converged)
         message = (
             f"{self.call}: the linear solve of the implicit gradient stopped at residual "
             f"{worst:.3g}{tasks} after {iters} products without reaching its tolerance, so the "
@@ -243,7 +210,7 @@ class _Root:
                         "if_not_converged='ignore'."
                     )
                 init_leaves = None
-        if not torch.is_grad_enabled() or not any(_may_need_grad(x) for x in diff):
+        if not torch.is_grad_enabled() or not any(may_need_grad(x) for x in diff):
             return None  # no backward pass will run
         if self.start_norm is not None:
             start = self.start_norm(aux)
