@@ -152,8 +152,9 @@ class MetaOptNet(HeadLearner):
 
         # The policy is applied here, on the solver's last residual (per task, also under
         # vmap) and, through on_solve, on the backward's linear solve; custom_root's own check
-        # is not used: it runs only when an argument requires grad, which a per-task Gram
-        # matrix under vmap does not report.
+        # is not used: it runs in the backward pass only (evaluate has none), would evaluate
+        # the optimality at init once more per task (FISTA has its start norm already), and
+        # its message is not the SVM solver's.
         _check_common(call, optimality, self.solve, self.if_not_converged, None, tol, 0.0)
         dual = custom_root(
             optimality, self.solve, if_not_converged="ignore", on_solve=self._check_linear_solve
