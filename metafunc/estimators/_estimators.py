@@ -156,6 +156,28 @@ def _antithetic(eps: PyTree, losses: torch.Tensor, num_pairs: int, std: float) -
     return optree.tree_map(leaf, eps)
 
 
+def _truncated(call: str, unroll: Unroll, horizon: int):
+    """``init`` and ``resume`` of a :class:`TruncatedState` estimator: ``resume(theta, state)``
+    checks its arguments and gives ``(generator, inner, step)``, restarting the unroll when the
+    horizon is reached."""
+
+    def init(theta: PyTree, *, seed: int = 0) -> TruncatedState:
+        g = torch.Generator().manual_seed(seed)
+        _check_theta(f"{call}.init", theta)
+        return TruncatedState(_start(unroll, theta, g), 0, g.get_state())
+
+    def resume(theta: PyTree, state: TruncatedState) -> tuple[torch.Generator, PyTree, int]:
+        _check_theta(f"{call}.estimate", theta)
+        _check_state(f"{call}.estimate", state, TruncatedState)
+        g = _generator(state.rng)
+        inner, t = state.inner, state.step
+        if t == horizon:
+            inner, t = _start(unroll, theta, g), 0
+        return g, inner, t
+
+    return init, resume
+
+
 def backprop(unroll: Unroll, *, steps: int, horizon: int) -> GradientEstimator:
     """Truncated backpropagation through time: the exact gradient of each truncation's loss, with
     the state it starts from taken as a constant.
@@ -180,18 +202,10 @@ def backprop(unroll: Unroll, *, steps: int, horizon: int) -> GradientEstimator:
     call = "backprop(unroll, steps=..., horizon=...)"
     _check(call, unroll, steps, horizon)
 
-    def init(theta: PyTree, *, seed: int = 0) -> TruncatedState:
-        g = torch.Generator().manual_seed(seed)
-        _check_theta(f"{call}.init", theta)
-        return TruncatedState(_start(unroll, theta, g), 0, g.get_state())
+    init, resume = _truncated(call, unroll, horizon)
 
     def estimate(theta: PyTree, state: TruncatedState) -> Estimate:
-        _check_theta(f"{call}.estimate", theta)
-        _check_state(f"{call}.estimate", state, TruncatedState)
-        g = _generator(state.rng)
-        inner, t = state.inner, state.step
-        if t == horizon:
-            inner, t = _start(unroll, theta, g), 0
+        g, inner, t = resume(theta, state)
 
         def fn(th):
             new_inner, loss = run_segment(unroll, th, inner, t, steps)
@@ -232,18 +246,10 @@ def es(
     def segment(th, inner, t):
         return run_segment(unroll, th, inner, t, steps)
 
-    def init(theta: PyTree, *, seed: int = 0) -> TruncatedState:
-        g = torch.Generator().manual_seed(seed)
-        _check_theta(f"{call}.init", theta)
-        return TruncatedState(_start(unroll, theta, g), 0, g.get_state())
+    init, resume = _truncated(call, unroll, horizon)
 
     def estimate(theta: PyTree, state: TruncatedState) -> Estimate:
-        _check_theta(f"{call}.estimate", theta)
-        _check_state(f"{call}.estimate", state, TruncatedState)
-        g = _generator(state.rng)
-        inner, t = state.inner, state.step
-        if t == horizon:
-            inner, t = _start(unroll, theta, g), 0
+        g, inner, t = resume(theta, state)
         eps = _noise(theta, num_pairs, std, g)
         with torch.no_grad():
             run = torch.func.vmap(segment, in_dims=(0, None, None), out_dims=(0, 0))
