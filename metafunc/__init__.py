@@ -5,7 +5,7 @@ are pure ``init``/``update`` pairs (:mod:`metafunc.optim`), differentiable in ev
 :func:`inner_loop` differentiates through an inner optimisation and records it on a :class:`Tape`.
 """
 
-from . import algorithms, data, estimators, hyper, implicit, optim
+from . import algorithms, data, estimators, hyper, implicit, models, optim
 from ._functional import FunctionalModel, functionalize
 from ._inner import InnerLoopResult, inner_loop
 from ._norms import exact_norms
@@ -31,6 +31,7 @@ __all__ = [
     "hyper",
     "implicit",
     "inner_loop",
+    "models",
     "optim",
     "stack_tasks",
     "stop_gradient",

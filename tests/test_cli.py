@@ -87,7 +87,7 @@ def test_train_help_runs_and_shows_the_defaults(capsys):
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m metafunc train")
-    assert "tasks per step (default: 25 for sinusoid, 16 for glyphs and omniglot)" in text
+    assert "tasks per step (default: 25 for sinusoid; 16 for glyphs and omniglot; 4 for" in text
 
 
 @pytest.mark.parametrize("flag", ["--inner-lr", "--outer-lr"])

@@ -21,7 +21,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--algorithm", "protonet"], "argument --algorithm: invalid choice: 'protonet'"),
+        (["--algorithm", "matchingnet"], "argument --algorithm: invalid choice: 'matchingnet'"),
         (["--task", "mnist"], "argument --task: invalid choice: 'mnist' (choose from"),
         (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["--steps", "abc"], "argument --steps: expected a positive integer, got 'abc'"),
@@ -42,7 +42,11 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         # flags that do not apply to the algorithm or task would be ignored silently
         (["--lam", "1"], "--lam applies to --algorithm imaml, not maml; drop it"),
         (["--algorithm", "reptile", "--first-order"], "--first-order applies to --algorithm maml"),
-        (["--ways", "3"], "--ways applies to --task glyphs / omniglot, not sinusoid; drop it"),
+        (
+            ["--ways", "3"],
+            "--ways applies to --task glyphs / omniglot / miniimagenet / "
+            "tieredimagenet / cifarfs / fc100, not sinusoid; drop it",
+        ),
         (["--task", "omniglot", "--classes", "9"], "--classes applies to --task glyphs, not omn"),
     ],
 )
@@ -61,15 +65,22 @@ def test_help_states_every_default_including_the_task_and_algorithm_dependent_on
         if action.option_strings and action.dest != "help":
             assert "default" in (action.help or ""), action.option_strings
     helps = {action.dest: " ".join((action.help or "").split()) for action in p._actions}
-    assert helps["meta_batch"].endswith("(default: 25 for sinusoid, 16 for glyphs and omniglot)")
-    assert helps["inner_lr"].endswith("(default: 0.01 for sinusoid, 0.4 for glyphs and omniglot)")
+    assert helps["meta_batch"].endswith(
+        "(default: 25 for sinusoid; 16 for glyphs and omniglot; 4 for miniimagenet, "
+        "tieredimagenet, cifarfs and fc100)"
+    )
+    assert helps["inner_lr"].endswith(
+        "(not protonet, r2d2 or metaoptnet; default: 0.01 for sinusoid, miniimagenet, "
+        "tieredimagenet, cifarfs and fc100; 0.4 for glyphs and omniglot)"
+    )
     assert helps["inner_steps"].endswith(
-        "(default: 1 for maml, fomaml, metasgd, anil and mamlpp; 5 for reptile, leap and "
+        "(not protonet, r2d2 or metaoptnet; default: 1 for maml, fomaml, metasgd, anil and "
+        "mamlpp; 5 for reptile, leap and "
         "warpgrad; 10 for imaml)"
     )
     assert helps["lam"].endswith("(imaml only; default: 2.0)")
     assert helps["classes"].endswith("(glyphs only; default: 300)")
-    assert helps["data_path"].endswith("(omniglot only; no default: required there)")
+    assert helps["data_path"].endswith("(not sinusoid or glyphs; no default: required there)")
     assert helps["outer_lr"].endswith("(default: 0.001)")
     assert helps["no_plot"].endswith("(default: off)")
 

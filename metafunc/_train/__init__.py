@@ -13,7 +13,8 @@ its code (2: the command line asks for what cannot be done; 1: the files, the da
 training failed; 130: interrupted).
 
 The files, one job each: ``_cli`` (flags, defaults, help, ``parse``), ``_config`` (``--config``
-files and ``config.toml``), ``_models`` (MLP and ConvNet), ``_tasks`` (the task splits),
+files and ``config.toml``), ``_models`` (the model, from :mod:`metafunc.models`), ``_tasks`` (the
+task splits and their episode transforms),
 ``_learners`` (the learner and ``--strategy auto``), ``_folder`` (the run folder and its lock),
 ``_snapshot`` (checkpoint files), ``_loop`` (``run``: the training loop and evaluation),
 ``_metrics`` (``metrics.csv``, TensorBoard), ``_report`` (tqdm progress, summaries,
@@ -29,7 +30,15 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ._cli import ALGORITHMS, TASKS, _launched_processes, parse, parser
+from ._cli import (
+    ALGORITHMS,
+    BACKBONES,
+    HEAD_ALGORITHMS,
+    TASKS,
+    _launched_processes,
+    parse,
+    parser,
+)
 from ._errors import PROG, RunError, _Exit
 from ._loop import run
 from ._report import Progress, _summary
@@ -37,6 +46,8 @@ from ._tasks import Tasks
 
 __all__ = [
     "ALGORITHMS",
+    "BACKBONES",
+    "HEAD_ALGORITHMS",
     "PROG",
     "TASKS",
     "Progress",

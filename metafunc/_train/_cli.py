@@ -11,15 +11,22 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ._config import with_file
 from ._errors import PROG
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad")
-TASKS = ("sinusoid", "glyphs", "omniglot")
+GRADIENT_ALGORITHMS = (
+    "maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile", "imaml", "leap", "warpgrad",
+)  # fmt: skip
+HEAD_ALGORITHMS = ("protonet", "r2d2", "metaoptnet")  # a head fitted per task, no inner loop
+ALGORITHMS = GRADIENT_ALGORITHMS + HEAD_ALGORITHMS
+FILE_TASKS = ("miniimagenet", "tieredimagenet", "cifarfs", "fc100")  # read from --data-path
+IMAGE_TASKS = ("glyphs", "omniglot", *FILE_TASKS)
+TASKS = ("sinusoid", *IMAGE_TASKS)
+BACKBONES = ("conv4", "resnet12", "wrn28_10")
 _MAX_SKIPS = 10  # --on-nonfinite skip: this many skipped steps in a row stop the run
 
 
@@ -39,28 +46,51 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-# defaults that depend on the task: (sinusoid, glyphs and omniglot)
-_TASK_DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "meta_batch": (25, 16),
-    "shots": (10, 1),
-    "queries": (10, 15),
-    "inner_lr": (0.01, 0.4),
+# defaults that depend on the task, by group: sinusoid, characters (glyphs and omniglot) and
+# natural images (FILE_TASKS; MAML's miniImageNet settings)
+_GROUPS = (("sinusoid",), ("glyphs", "omniglot"), FILE_TASKS)
+_TASK_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
+    "meta_batch": (25, 16, 4),
+    "shots": (10, 1, 1),
+    "queries": (10, 15, 15),
+    "inner_lr": (0.01, 0.4, 0.01),
 }
-_INNER_STEPS = {a: 1 for a in ALGORITHMS} | {"reptile": 5, "leap": 5, "warpgrad": 5, "imaml": 10}
+_INNER_STEPS = {a: 1 for a in GRADIENT_ALGORITHMS} | {
+    "reptile": 5, "leap": 5, "warpgrad": 5, "imaml": 10,
+}  # fmt: skip
 _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "mamlpp")
+
+
+class _Per(NamedTuple):
+    """A default that depends on a flag resolved before (``dest``): ``table[<its value>]``."""
+
+    dest: str
+    table: dict[str, Any]
+
+
+_HIDDEN = {"conv4": 32, "resnet12": 64, "wrn28_10": 10}  # MAML's, MetaOptNet's, WRN-28-10's
+_IMAGE_SIZE = {"miniimagenet": 84, "tieredimagenet": 84, "cifarfs": 32, "fc100": 32}  # stored
 # flags that apply to some algorithms or tasks only: (default, the algorithms or tasks it applies
 # to, "algorithm" or "task"); they default to None in the parser (a given flag that does not
-# apply is an error), get these defaults in parse(), and only those that apply are recorded
+# apply is an error), get these defaults in parse() (None: from _TASK_DEFAULTS or _INNER_STEPS
+# or none; a _Per: from a flag above it), and only those that apply are recorded
 _SCOPED: dict[str, tuple[Any, tuple[str, ...], str]] = {
+    "inner_steps": (None, GRADIENT_ALGORITHMS, "algorithm"),
+    "inner_lr": (None, GRADIENT_ALGORITHMS, "algorithm"),
     "first_order": (False, _MAML_FAMILY, "algorithm"),
     "lam": (2.0, ("imaml",), "algorithm"),
     "cg_steps": (5, ("imaml",), "algorithm"),
-    "ways": (5, ("glyphs", "omniglot"), "task"),
-    "hidden": (32, ("glyphs", "omniglot"), "task"),
+    "ways": (5, IMAGE_TASKS, "task"),
+    "backbone": ("conv4", IMAGE_TASKS, "task"),
+    "hidden": (_Per("backbone", _HIDDEN), IMAGE_TASKS, "task"),
+    "image_size": (_Per("task", _IMAGE_SIZE), FILE_TASKS, "task"),
+    "augment": (False, FILE_TASKS, "task"),
     "classes": (300, ("glyphs",), "task"),
-    "data_path": (None, ("omniglot",), "task"),
+    "data_path": (None, ("omniglot", *FILE_TASKS), "task"),
     "data_seed": (0, ("glyphs", "omniglot"), "task"),
 }
+# the smallest --image-size of the backbones that halve the image four times
+_MIN_IMAGE_SIZE = 16
 
 
 def _and(names: Sequence[str]) -> str:
@@ -73,22 +103,39 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _scope(dest: str) -> str:
+    """Where a scoped flag applies: ``imaml only``, ``not protonet, r2d2 or metaoptnet``."""
+    _, scope, kind = _SCOPED[dest]
+    every = ALGORITHMS if kind == "algorithm" else TASKS
+    others = [name for name in every if name not in scope]
+    if len(others) < len(scope) - 1:
+        return f"not {_and(others).replace(' and ', ' or ')}"
+    return f"{_and(scope)} only"
+
+
+def _grouped(table: dict[str, Any]) -> str:
+    """``{name: value}`` as ``v1 for a, b and c; v2 for d``: names grouped by value."""
+    groups: dict[Any, list[str]] = {}
+    for name, value in table.items():
+        groups.setdefault(value, []).append(name)
+    return "; ".join(f"{_shown(value)} for {_and(names)}" for value, names in groups.items())
+
+
 def _default_help(dest: str, default: Any) -> str:
     """``(default: ...)`` for ``dest``, spelled out per task or algorithm where it depends."""
+    where = f"{_scope(dest)}; " if dest in _SCOPED else ""
     if dest in _TASK_DEFAULTS:
-        sinusoid, images = _TASK_DEFAULTS[dest]
-        return f"(default: {sinusoid} for sinusoid, {images} for glyphs and omniglot)"
+        table = {t: v for v, group in zip(_TASK_DEFAULTS[dest], _GROUPS) for t in group}
+        return f"({where}default: {_grouped(table)})"
     if dest == "inner_steps":
-        groups: dict[int, list[str]] = {}
-        for algorithm, steps in _INNER_STEPS.items():
-            groups.setdefault(steps, []).append(algorithm)
-        each = "; ".join(f"{steps} for {_and(names)}" for steps, names in groups.items())
-        return f"(default: {each})"
+        return f"({where}default: {_grouped(_INNER_STEPS)})"
     if dest in _SCOPED:
-        value, scope, _ = _SCOPED[dest]
+        value = _SCOPED[dest][0]
         if dest == "data_path":
-            return f"({_and(scope)} only; no default: required there)"
-        return f"({_and(scope)} only; default: {_shown(value)})"
+            return f"({where}no default: required there)"
+        if isinstance(value, _Per):
+            return f"({where}default: {_grouped(value.table)})"
+        return f"({where}default: {_shown(value)})"
     return f"(default: {_shown(default)})"
 
 
@@ -133,9 +180,24 @@ def parser() -> argparse.ArgumentParser:
     add("--shots", "support examples (per class for images)", type=_positive(int))
     add("--queries", "query examples (per class for images)", type=_positive(int))
     add("--ways", "classes per episode", type=_positive(int))
-    add("--hidden", "conv channels", type=_positive(int))
+    add("--backbone", "the image model (metafunc.models): conv4 (WarpConv4, with warp layers for "
+        "warpgrad), resnet12 or wrn28_10", choices=BACKBONES)  # fmt: skip
+    add("--hidden", "the backbone's width: conv4's filters per block, resnet12's first block's "
+        "channels (the others 2.5, 5 and 10 times as many), wrn28_10's widening factor",
+        type=_positive(int))  # fmt: skip
+    add("--image-size", "the side images are resized to (with antialiasing, per episode) "
+        f"before the backbone; at least {_MIN_IMAGE_SIZE} for conv4 and resnet12",
+        type=_positive(int))  # fmt: skip
+    add("--augment", "augment the meta-training episodes as MetaOptNet does: a random crop of "
+        "every image zero-padded by 8 pixels at 84x84 or 4 at 32x32 (in proportion at other "
+        "sizes), and a random left-right flip",
+        action="store_true")  # fmt: skip
     add("--classes", "procedural glyph classes", type=_positive(int))
-    add("--data-path", "Omniglot folder (nothing is downloaded)")
+    add("--data-path", "the dataset's folder (nothing is downloaded): Omniglot's "
+        "images_background/ and images_evaluation/; miniImageNet's "
+        "mini-imagenet-cache-<split>.pkl or images/ and <split>.csv; tieredImageNet's "
+        "<split>_labels.pkl and <split>_images.npz; the cifar-100-python folder for cifarfs and "
+        "fc100")  # fmt: skip
     add("--data-seed", "class split and glyph seed", type=int)
     add("--eval-every", "validate every this many steps", 500, type=_positive(int))
     add("--val-tasks", "validation tasks", 100, type=_positive(int))
@@ -189,22 +251,27 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(with_file(argv, p))  # the command line's flags override the file's
-    for name, (default, scope, kind) in _SCOPED.items():
+    for name, (default, scope, kind) in _SCOPED.items():  # in order: a _Per reads one above
         value = getattr(args, name)
+        applies = getattr(args, kind) in scope
         if value is None:
-            setattr(args, name, default)
-        elif getattr(args, kind) not in scope:
+            if isinstance(default, _Per):
+                default = default.table[getattr(args, default.dest)] if applies else None
+            setattr(args, name, default if applies else None)
+        elif not applies:
             flag = "--" + name.replace("_", "-")
             p.error(
                 f"{flag} applies to --{kind} {' / '.join(scope)}, not {getattr(args, kind)}; "
                 "drop it"
             )
-    family = 0 if args.task == "sinusoid" else 1
+    group = next(i for i, tasks in enumerate(_GROUPS) if args.task in tasks)
     for name, values in _TASK_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[family])
-    if args.inner_steps is None:
+        applies = name not in _SCOPED or getattr(args, _SCOPED[name][2]) in _SCOPED[name][1]
+        if getattr(args, name) is None and applies:
+            setattr(args, name, values[group])
+    if args.inner_steps is None and args.algorithm in _INNER_STEPS:
         args.inner_steps = _INNER_STEPS[args.algorithm]
+    _check_models(p, args)
     if args.resume and args.overwrite:
         p.error(
             "--resume and --overwrite contradict each other: --resume continues the run in "
@@ -250,6 +317,26 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "--tensorboard"
             )
     return args
+
+
+def _check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for an algorithm, a task and a backbone that do not go together."""
+    if args.algorithm in HEAD_ALGORITHMS and args.task == "sinusoid":
+        p.error(
+            f"--algorithm {args.algorithm} fits a classifier head per task; use an image task "
+            f"(--task {' / '.join(IMAGE_TASKS)}), not sinusoid regression"
+        )
+    if args.algorithm == "warpgrad" and args.backbone not in (None, "conv4"):
+        p.error(
+            f"--algorithm warpgrad needs --backbone conv4 (its warp layers are WarpConv4's), not "
+            f"{args.backbone}; drop --backbone or pick another algorithm"
+        )
+    if args.image_size is not None and args.image_size < _MIN_IMAGE_SIZE:
+        if args.backbone != "wrn28_10":  # conv4 and resnet12 halve the image four times
+            p.error(
+                f"--image-size {args.image_size}: --backbone {args.backbone} halves the image "
+                f"four times; pass --image-size {_MIN_IMAGE_SIZE} or more"
+            )
 
 
 def _launched_processes() -> int:

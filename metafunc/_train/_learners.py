@@ -32,7 +32,7 @@ def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy
         if a == "metasgd":
             kwargs["learn_lr"] = algorithms.PerParamLR()
         if a == "anil":
-            kwargs["adapted"] = _head_names(model, args.task)
+            kwargs["adapted"] = _head_names(model)
         if a == "mamlpp":
             kwargs["learn_lr"] = algorithms.PerStepLR()
             kwargs["step_weights"] = _msl_weights(args.inner_steps, 0.0)
@@ -49,8 +49,14 @@ def _learner(args: argparse.Namespace, fm, model: nn.Module, loss: str, strategy
         )  # fmt: skip
     if a == "leap":
         return algorithms.Leap(fm, loss, inner_lr=args.inner_lr, steps=args.inner_steps, **common)
+    if a == "protonet":
+        return algorithms.ProtoNet(fm, ways=args.ways, **common)
+    if a == "r2d2":  # its own defaults: the initial ridge penalty 50, learned
+        return algorithms.R2D2(fm, ways=args.ways, **common)
+    if a == "metaoptnet":  # C = 0.1; a solve short of its tolerance is used as it is
+        return algorithms.MetaOptNet(fm, ways=args.ways, if_not_converged="ignore", **common)
     return algorithms.WarpGrad(
-        fm, loss, warp=_warp_names(model, args.task), inner_lr=args.inner_lr,
+        fm, loss, warp=_warp_names(model), inner_lr=args.inner_lr,
         steps=args.inner_steps, seed=args.seed,
         buffer_size=1000 if args.task == "sinusoid" else 200, **common,
     )  # fmt: skip

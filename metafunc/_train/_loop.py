@@ -30,7 +30,7 @@ from ._errors import PROG, RunError, _why
 from ._folder import RunFolder, _share_folder
 from ._learners import _choose_strategy, _Compiled, _learner, _msl_weights, compiled_meta_grad
 from ._metrics import MetricsLog, inner_lrs
-from ._models import ConvNet, _mlp
+from ._models import build, input_shape
 from ._report import Progress, _summaries, _warn, _write
 from ._snapshot import _check_data, _check_resume, _fingerprint, _load_checkpoint, _restore, _save
 from ._tasks import _TEST_SEED, _VAL_SEED, Tasks
@@ -106,12 +106,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
     fingerprint = _fingerprint(args)
     if resumed is not None:
         _check_data(args, resumed, fingerprint)
-    warp = args.algorithm == "warpgrad"
-    if args.task == "sinusoid":
-        model: nn.Module = _mlp(warp)
-    else:
-        model = ConvNet(args.ways, args.hidden, warp=warp)
-    model = model.to(device)
+    model = build(args).to(device)
     fm = metafunc.functionalize(model)
     threads = _set_threads(args, model, device)
     if resumed is not None:
@@ -155,7 +150,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
         show = not args.quiet and main_process  # progress on stderr
         if start == 0:
             before = _evaluate(
-                learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+                learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, tasks.chunk,
                 shown="before meta-training" if show else None,
             )  # fmt: skip
             before_summaries = _summaries(before, "before meta-training" if main_process else None)
@@ -269,7 +264,7 @@ def _run(args, argv, device: torch.device, folder: RunFolder, main_process: bool
                 progress.close()
         seconds += time.perf_counter() - t0
         final = _evaluate(
-            learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, 100,
+            learner, meta, tasks, "test", args.eval_tasks, _TEST_SEED, device, tasks.chunk,
             shown="after meta-training" if show else None,
         )  # fmt: skip
         results: dict[str, Any] = {
@@ -320,9 +315,8 @@ def _set_threads(args, model: nn.Module, device) -> dict[str, Any]:
     sets); returns ``{"count", "reason"}`` for results.json."""
     work = 0.0
     if args.threads is None:  # zeros of the support sets' shape: no data drawn, no RNG used
-        sinusoid = args.task == "sinusoid"
-        examples = args.meta_batch * args.shots * (1 if sinusoid else args.ways)
-        x = torch.zeros(examples, *((1,) if sinusoid else (1, 28, 28)), device=device)
+        examples = args.meta_batch * args.shots * (1 if args.task == "sinusoid" else args.ways)
+        x = torch.zeros(examples, *input_shape(args), device=device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
         work = counter.get_total_flops()
@@ -344,8 +338,13 @@ def _nonfinite(step: int, loss: float, finite: list, grads, episode, args, in_a_
         text = f"{in_a_row} meta-steps in a row had a non-finite meta-loss or gradient ({text})"
     tensors = [t for t in (*episode.support, *episode.query) if t.is_floating_point()]
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        where = f" in --data-path {args.data_path}" if args.task == "omniglot" else ""
+        where = f" in --data-path {args.data_path}" if args.data_path is not None else ""
         cause = f"the meta-batch's data holds NaN or infinity; check the data{where}."
+    elif args.inner_lr is None:  # ProtoNet, R2-D2, MetaOptNet: no inner loop
+        cause = (
+            f"the learning rate is too high (--outer-lr {args.outer_lr}). Lower --outer-lr and "
+            "start again with --overwrite."
+        )
     else:
         cause = (
             f"the learning rates are too high (--inner-lr {args.inner_lr}, --outer-lr "
@@ -392,7 +391,7 @@ def _evaluate(
 def _validate(learner, meta, tasks, args, device, step: int, history: dict) -> str:
     """Post-adaptation loss (and accuracy) on the val tasks into ``history``; null when not
     finite, with a warning. Returns the progress bar's text."""
-    val = _evaluate(learner, meta, tasks, "val", args.val_tasks, _VAL_SEED, device, 100)
+    val = _evaluate(learner, meta, tasks, "val", args.val_tasks, _VAL_SEED, device, tasks.chunk)
     loss = val["loss"].mean().item()
     accuracy = val["accuracy"].mean().item() if "accuracy" in val else None
     if not math.isfinite(loss):

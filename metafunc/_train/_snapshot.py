@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._cli import _config
+from ._cli import FILE_TASKS, _config
 from ._errors import PROG, RunError, _why
 from ._folder import RunFolder, _replacing
 
@@ -23,9 +23,11 @@ from ._folder import RunFolder, _replacing
 # --data-path is checked by the data's fingerprint instead, so that moved data still resumes)
 _RESUME_KEYS = (
     "algorithm", "task", "seed", "meta_batch", "inner_steps", "inner_lr", "outer_lr",
-    "first_order", "lam", "cg_steps", "shots", "queries", "ways", "hidden", "classes", "data_seed",
-    "eval_tasks",
+    "first_order", "lam", "cg_steps", "shots", "queries", "ways", "backbone", "hidden",
+    "image_size", "augment", "classes", "data_seed", "eval_tasks",
 )  # fmt: skip
+# flags added since checkpoints were first written: the value an older checkpoint's run had
+_BEFORE_THE_FLAG = {"backbone": "conv4"}
 _FORMAT = "metafunc train checkpoint 1"
 
 
@@ -41,20 +43,24 @@ _DAMAGED = "Restore it from a copy, or start again with --overwrite (which delet
 
 
 def _fingerprint(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Omniglot's PNG files by relative path and size (no file is read): what a resume checks."""
-    if args.task != "omniglot":
+    """The data files by relative path and size (no file is read): what a resume checks.
+    Omniglot's PNG files; every file in the folder of the benchmarks."""
+    if args.task != "omniglot" and args.task not in FILE_TASKS:
         return None
     root = Path(args.data_path)
+    png = args.task == "omniglot"
     try:
         files = sorted(
             (p.relative_to(root).as_posix(), p.stat().st_size)
             for p in root.rglob("*")
-            if p.suffix.lower() == ".png" and p.is_file()
+            if (not png or p.suffix.lower() == ".png") and p.is_file()
         )
     except OSError as e:
-        raise RunError(f"--data-path {root}: cannot list the PNG files: {_why(e)}.") from None
+        what = "PNG files" if png else "files"
+        raise RunError(f"--data-path {root}: cannot list the {what}: {_why(e)}.") from None
     digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
-    return {"png_files": len(files), "bytes": sum(size for _, size in files), "sha256": digest}
+    count = "png_files" if png else "files"
+    return {count: len(files), "bytes": sum(size for _, size in files), "sha256": digest}
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -88,9 +94,12 @@ def _check_resume(args: argparse.Namespace, resumed: dict[str, Any]) -> None:
     """Refuses a resume whose flags would make another run than the checkpoint's."""
     saved, config = resumed["args"], _config(args)
     for key in _RESUME_KEYS:
-        if saved.get(key) != config.get(key):
+        before = saved.get(key)
+        if key not in saved and key in _BEFORE_THE_FLAG and config.get(key) is not None:
+            before = _BEFORE_THE_FLAG[key]
+        if before != config.get(key):
             raise RunError(
-                f"--resume: the checkpoint was made with {_flag(key, saved.get(key))}, this run "
+                f"--resume: the checkpoint was made with {_flag(key, before)}, this run "
                 f"asks for {_flag(key, config.get(key))}. Resume with the same settings, or "
                 "start a new run in another --out.",
                 2,
@@ -117,7 +126,9 @@ def _check_data(args: argparse.Namespace, resumed: dict[str, Any], now: dict | N
     def files(fingerprint: dict | None) -> str:
         if not fingerprint:
             return "no data files"
-        return f"{fingerprint['png_files']} PNG files, {fingerprint['bytes']} bytes"
+        if "png_files" in fingerprint:
+            return f"{fingerprint['png_files']} PNG files, {fingerprint['bytes']} bytes"
+        return f"{fingerprint['files']} files, {fingerprint['bytes']} bytes"
 
     raise RunError(
         f"--resume: --data-path {args.data_path} holds other data than the checkpoint's: "
