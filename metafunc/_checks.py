@@ -23,6 +23,7 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any, TypeGuard
 
+import optree
 import torch
 
 from ._tree import close_matches
@@ -153,6 +154,20 @@ def tensor_dict(
     raise TypeError(
         f"{call}: expected {name} to be a {empty}dict of tensors {source}, got "
         f"{type(value).__name__}.{hint}"
+    )
+
+
+def float_tree(call: str, name: str, value: Any, *, meaning: str = "", example: str) -> None:
+    """``value`` is a non-empty pytree whose leaves are all floating-point tensors (meta- or
+    hyperparameters to differentiate in); else ``TypeError``. ``meaning`` (e.g. ``"the
+    meta-parameters"``) is said in parentheses; ``example`` is the fix's example value."""
+    leaves = optree.tree_leaves(value)
+    if leaves and all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+        return
+    said = f" ({meaning})" if meaning else ""
+    raise TypeError(
+        f"{call}: expected {name} to be a pytree of floating-point tensors{said}, got "
+        f"{type(value).__name__}. Pass e.g. {example}."
     )
 
 

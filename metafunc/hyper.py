@@ -46,12 +46,7 @@ class Hypergradient(NamedTuple):
 
 
 def _check_hyper(call: str, hyper: Any) -> None:
-    leaves = optree.tree_leaves(hyper)
-    if not leaves or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
-        raise TypeError(
-            f"{call}: expected hyper to be a pytree of floating-point tensors, got "
-            f"{type(hyper).__name__}. Pass e.g. {{'wd': torch.tensor(1e-3)}}."
-        )
+    _checks.float_tree(call, "hyper", hyper, example="{'wd': torch.tensor(1e-3)}")
 
 
 def _leaf_copies(hyper: PyTree) -> PyTree:

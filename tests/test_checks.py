@@ -170,3 +170,14 @@ def test_keys_match_names_missing_unknown_tied_and_close_keys():
         "'fc.weight': pass 'fc.weight' only. Expected the keys of fm.params: "
         "['fc.bias', 'fc.weight']."
     )
+
+
+def test_float_tree_takes_non_empty_trees_of_floating_tensors_only():
+    _checks.float_tree("f(h)", "h", {"a": torch.zeros(2), "b": [torch.ones(())]}, example="{}")
+    for bad in ({}, {"a": torch.zeros(2, dtype=torch.long)}, {"a": 0.5}, torch.tensor([1])):
+        with pytest.raises(TypeError) as raised:
+            _checks.float_tree("f(h)", "h", bad, meaning="the knobs", example="{'a': t}")
+        assert str(raised.value) == (
+            "f(h): expected h to be a pytree of floating-point tensors (the knobs), got "
+            f"{type(bad).__name__}. Pass e.g. {{'a': t}}."
+        )

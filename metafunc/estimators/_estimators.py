@@ -118,12 +118,9 @@ def _generator(rng: torch.Tensor) -> torch.Generator:
 
 
 def _check_theta(call: str, theta: Any) -> None:
-    leaves = optree.tree_leaves(theta)
-    if not leaves or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
-        raise TypeError(
-            f"{call}: expected theta to be a pytree of floating-point tensors (the "
-            f"meta-parameters), got {type(theta).__name__}. Pass e.g. {{'lr': torch.tensor(0.1)}}."
-        )
+    _checks.float_tree(
+        call, "theta", theta, meaning="the meta-parameters", example="{'lr': torch.tensor(0.1)}"
+    )
 
 
 def _start(unroll: Unroll, theta: PyTree, g: torch.Generator) -> PyTree:
