@@ -158,12 +158,16 @@ class Row:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def vmap_tasks_meta_backward(task: Callable, params: dict, strategy: str):
+def vmap_tasks_meta_backward(
+    task: Callable, params: dict, strategy: str, chunk_size: int | None = None
+):
     """meta_backward(data) for a metafunc row: the mean over tasks of task(params, *data) (data
-    with a leading task dimension), the tasks mapped by metafunc.vmap_tasks with `strategy`,
-    backpropagated into the params' .grad. Its task_map is the vmap_tasks function, whose
-    .strategy says what "auto" picked."""
-    run = metafunc.vmap_tasks(task, in_dims=(None, 0, 0, 0, 0), strategy=strategy)
+    with a leading task dimension), the tasks mapped by metafunc.vmap_tasks with `strategy` (and
+    `chunk_size`), backpropagated into the params' .grad. Its task_map is the vmap_tasks
+    function, whose .strategy says what "auto" picked."""
+    run = metafunc.vmap_tasks(
+        task, in_dims=(None, 0, 0, 0, 0), strategy=strategy, chunk_size=chunk_size
+    )
 
     def meta_backward(data):
         run(params, *data).mean().backward()

@@ -71,25 +71,9 @@ def in_threads(n: int, builder: Callable) -> Callable:
 
 
 def with_metafunc(strategy: str, chunk_size: int | None = None) -> Callable:
-    """metafunc's ``inner_loop`` per task, mapped by ``vmap_tasks(strategy, chunk_size)``."""
-
-    def build(prob: maml.Problem, model: nn.Module):
-        fm = metafunc.functionalize(model)
-        opt = metafunc.optim.sgd(lr=prob.lr)
-
-        def loss(p, batch):
-            return prob.loss(fm(p, batch[0]), batch[1])
-
-        def task(p, sx, sy, qx, qy):
-            result = metafunc.inner_loop(loss, p, opt, (sx, sy), steps=prob.steps)
-            return loss(result.params, (qx, qy))
-
-        run = metafunc.vmap_tasks(
-            task, in_dims=(None, 0, 0, 0, 0), strategy=strategy, chunk_size=chunk_size
-        )
-        return lambda data: run(fm.params, *data).mean().backward()
-
-    return build
+    """maml.py's metafunc row (``inner_loop`` per task under ``vmap_tasks``) with `strategy` and
+    `chunk_size`."""
+    return lambda prob, model: maml.with_metafunc(prob, model, strategy, chunk_size=chunk_size)
 
 
 def _task_fn(prob: maml.Problem, model: nn.Module) -> Callable:

@@ -124,7 +124,9 @@ def hand_written(prob: Problem, model: nn.Module, vmapped: bool):
     return _over_tasks(task, dict(model.named_parameters()), vmapped)
 
 
-def with_metafunc(prob: Problem, model: nn.Module, strategy="auto", checkpoint=None):
+def with_metafunc(
+    prob: Problem, model: nn.Module, strategy="auto", checkpoint=None, chunk_size=None
+):
     fm = metafunc.functionalize(model)
     opt = metafunc.optim.sgd(lr=prob.lr)
 
@@ -137,7 +139,7 @@ def with_metafunc(prob: Problem, model: nn.Module, strategy="auto", checkpoint=N
         )
         return loss(result.params, (qx, qy))
 
-    return _harness.vmap_tasks_meta_backward(task, fm.params, strategy)
+    return _harness.vmap_tasks_meta_backward(task, fm.params, strategy, chunk_size)
 
 
 def with_metafunc_inline(prob: Problem, model: nn.Module):
