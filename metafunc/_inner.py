@@ -16,7 +16,7 @@ from ._tape import Tape, keep_steps
 from ._tree_math import detach, grad_or_zeros, stop_gradient
 from ._typing import OptState, Params
 from ._unused import Unused, check_allow_unused
-from .optim._base import GradientTransformation, apply_updates
+from .optim._base import GradientTransformation, update_and_apply
 
 __all__ = ["InnerLoopResult", "inner_loop", "stop_gradient"]
 
@@ -177,13 +177,13 @@ def _step(opt, loss_fn, params, state, batch, has_aux, exact, unused, grads_fn=_
     params enter the update only through ``params + update`` (straight-through)."""
     if exact:
         grads, loss, aux = grads_fn(loss_fn, params, batch, has_aux, unused)
-        updates, state = opt.update(grads, state, params)
+        params, state = update_and_apply(opt, grads, state, params)
     else:
         constant = detach(params)
         grads, loss, aux = _functional_grads(loss_fn, constant, batch, has_aux, unused)
         grads, loss, aux = detach((grads, loss, aux))
-        updates, state = opt.update(grads, state, constant)
-    return apply_updates(params, updates), state, loss, aux
+        params, state = update_and_apply(opt, grads, state, constant, params)
+    return params, state, loss, aux
 
 
 def inner_loop(

@@ -56,19 +56,33 @@ def describe_mismatch(name_a: str, a: PyTree, name_b: str, b: PyTree) -> str:
 
 def check_same(call: str, name_a: str, a: PyTree, name_b: str, b: PyTree) -> None:
     """Raises ``ValueError`` unless ``a`` and ``b`` have the same structure and leaf shapes."""
-    ok = optree.tree_structure(a) == optree.tree_structure(b)
-    if ok:
-        for la, lb in zip(optree.tree_leaves(a), optree.tree_leaves(b)):
-            if isinstance(la, torch.Tensor) and isinstance(lb, torch.Tensor):
-                if la.shape != lb.shape:
-                    ok = False
-                    break
-    if not ok:
+    flatten_same(call, name_a, a, name_b, b)
+
+
+def flatten_same(
+    call: str, name_a: str, a: PyTree, name_b: str, b: PyTree
+) -> tuple[list, list, optree.PyTreeSpec]:
+    """:func:`check_same`, returning what it flattened: ``(leaves of a, leaves of b, spec)``.
+
+    One flatten per tree: on the hot path of every inner step (``apply_updates``), where a
+    second traversal of each tree was measurable."""
+    leaves_a, spec = optree.tree_flatten(a)
+    leaves_b, spec_b = optree.tree_flatten(b)
+    if spec != spec_b or not same_shapes(leaves_a, leaves_b):
         raise ValueError(
             f"{call}: expected {name_b} to have the same structure and shapes as {name_a}, "
             f"but {describe_mismatch(name_a, a, name_b, b)}. Pass trees built from the same "
             f"params (e.g. grads from torch.func.grad(loss)(params), state from opt.init(params))."
         )
+    return leaves_a, leaves_b, spec
+
+
+def same_shapes(leaves_a: Sequence[object], leaves_b: Sequence[object]) -> bool:
+    """Whether every pair of tensors at the same position has one shape (other leaves pass)."""
+    for la, lb in zip(leaves_a, leaves_b):
+        if isinstance(la, torch.Tensor) and isinstance(lb, torch.Tensor) and la.shape != lb.shape:
+            return False
+    return True
 
 
 def check_floating(call: str, tree: PyTree, what: str = "params") -> None:

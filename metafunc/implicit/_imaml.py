@@ -13,7 +13,7 @@ from torch.func import grad_and_value
 from .. import _checks
 from .._tree_math import axpy, detach, norm, sub, vdot
 from .._typing import Params
-from ..optim._base import GradientTransformation, apply_updates
+from ..optim._base import GradientTransformation, update_and_apply
 from ._linear import SolveInfo, plain, solve_cg
 from ._root import _check_common, _Root
 
@@ -176,8 +176,7 @@ def imaml(
                 start = norm(g).detach()
             g = _plus(g, lam, sub(phi, theta))
             losses.append(value)
-            updates, state = opt.update(g, state, phi)
-            phi = apply_updates(phi, updates)
+            phi, state = update_and_apply(opt, g, state, phi)
         return detach(phi), (torch.stack(losses).detach(), start)
 
     root = _Root(

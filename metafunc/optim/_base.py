@@ -130,7 +130,8 @@ def _chain(
                 raise
             raise e.seen_from(f"{name}(...).init") from None
 
-    def update(updates, state, params=None):
+    def run(updates, state, params, last, *base):
+        """Each transform's update in turn; the last one's is ``last`` (given ``*base``)."""
         plain = isinstance(state, tuple) and not hasattr(type(state), "_fields")  # no NamedTuple
         if not plain or len(state) != len(transforms):
             raise ValueError(
@@ -142,7 +143,10 @@ def _chain(
         new_state = []
         for i, (t, s) in enumerate(zip(transforms, state)):
             try:
-                updates, s = t.update(updates, s, params)
+                if i < len(transforms) - 1:
+                    updates, s = t.update(updates, s, params)
+                else:
+                    updates, s = last(updates, s, params, *base)
             except StateTypeError as e:
                 raise e.within(call, i, name) from None
             except HyperparameterOverflowError as e:
@@ -152,6 +156,16 @@ def _chain(
             new_state.append(s)
         return updates, tuple(new_state)
 
+    def update(updates, state, params=None):
+        return run(updates, state, params, transforms[-1].update if transforms else None)
+
+    last_fused = getattr(transforms[-1].update, "update_and_apply", None) if transforms else None
+    if last_fused is not None:
+
+        def update_and_apply(updates, state, params, base=None):
+            return run(updates, state, params, last_fused, base)
+
+        update.update_and_apply = update_and_apply  # type: ignore[attr-defined]
     return GradientTransformation(init, update)
 
 
@@ -255,6 +269,31 @@ def masked(
     return GradientTransformation(init, update)
 
 
+def update_and_apply(
+    opt: GradientTransformation,
+    grads: Updates,
+    state: OptState,
+    params: Params,
+    base: Params | None = None,
+) -> tuple[Params, OptState]:
+    """``updates, state = opt.update(grads, state, params)``, then ``apply_updates(base,
+    updates)`` (``base`` defaults to ``params``; the first-order step passes detached params
+    to the update and adds to the attached ones): the new params and state.
+
+    Where ``opt`` ends in a transform that can add its update to the params in one op
+    (:func:`~metafunc.optim.scale_by_learning_rate`, the last transform of every named optimizer:
+    ``p - lr * u`` as ``torch.add(p, u, alpha=-lr)``, as ``torch.optim.SGD`` steps) that op is
+    used, which halves the ops of the step and of its backward; the result may differ from the
+    two ops in the last bit (one rounding instead of two). Any other ``opt`` runs the two calls.
+    :func:`metafunc.inner_loop` steps through this.
+    """
+    fused = getattr(opt.update, "update_and_apply", None)
+    if fused is not None:
+        return fused(grads, state, params, base)
+    updates, state = opt.update(grads, state, params)
+    return apply_updates(params if base is None else base, updates), state
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
     """Returns ``params + updates`` leaf by leaf, as new tensors (the inputs are not modified).
 
@@ -266,12 +305,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> metafunc.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
         {'w': tensor([1.5000, 0.0000])}
     """
-    _tree.check_same("apply_updates(params, updates)", "params", params, "updates", updates)
-
-    def add(p, u):
-        if not p.is_floating_point():
-            return p
-        out = p + u
-        return out if out.dtype == p.dtype else out.to(p.dtype)
-
-    return cast(Params, optree.tree_map(add, cast(Any, params), updates))
+    leaves, update_leaves, spec = _tree.flatten_same(
+        "apply_updates(params, updates)", "params", params, "updates", updates
+    )
+    out = []
+    for p, u in zip(leaves, update_leaves):
+        if p.is_floating_point():
+            p_new = p + u
+            p = p_new if p_new.dtype == p.dtype else p_new.to(p.dtype)
+        out.append(p)
+    return cast(Params, spec.unflatten(out))

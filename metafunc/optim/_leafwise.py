@@ -34,6 +34,7 @@ from . import _hyper, _precision
 from ._base import EmptyState, GradientTransformation, check_state
 
 Kernel = Callable[..., tuple[Any, ...]]
+Apply = Callable[..., Any]
 Schedule = Callable[[torch.Tensor], dict[str, Any]]
 
 
@@ -65,6 +66,7 @@ def leafwise(
     products: Sequence[str] = (),
     params: Literal["ignore", "check", "use"] = "ignore",
     accumulator_dtype: torch.dtype | None = None,
+    apply: Apply | None = None,
 ) -> GradientTransformation:
     """The transform that runs ``kernel`` on every leaf of the updates.
 
@@ -89,6 +91,11 @@ def leafwise(
             required); ``"check"``: params, when given, must match the updates; ``"ignore"``.
         accumulator_dtype: the state's dtype (see :mod:`._precision`); ``None``: float32 for
             half-precision leaves, the leaf's dtype otherwise.
+        apply: for a stateless transform, ``apply(p, u, **keywords)``: the param ``p`` plus this
+            transform's update of ``u`` in fewer ops than ``kernel`` then ``p + update`` (one
+            fused op), or ``None`` where it does not apply to the leaf (the two ops run then).
+            It makes the transform's ``update`` carry an ``update_and_apply`` (see
+            :func:`._base.update_and_apply`), which the inner loop uses.
     """
     _precision.check_accumulator_dtype(call, accumulator_dtype)
     mode = params  # the argument's name is taken by update's params below
@@ -148,24 +155,20 @@ def leafwise(
             _leaves_like(update_call, updates, leaves, spec, f"state.{f}", state[i], j == 0)
             for j, (f, i) in enumerate(zip(fields, where))
         ]
-        keywords = [  # (keyword, its value for each leaf)
-            (k, _hyper.values(update_call, name, value, leaves, spec))
-            for k, (name, value) in hyper_items
-        ]
+        kws = _keywords(update_call, hyper_items, leaves, spec)
         if mode == "use":
-            keywords.append(("p", param_leaves))
-        shared = schedule(state[step_at]) if schedule is not None else {}
+            for kw, p in zip(kws, param_leaves):
+                kw["p"] = p
+        if schedule is not None:
+            shared = schedule(state[step_at])
+            for kw in kws:
+                kw.update(shared)
         if not fields:  # no state to keep: the kernel runs in the update's dtype
-            out = [
-                _precision.cast(kernel(g, **{k: v[i] for k, v in keywords}, **shared)[0], g.dtype)
-                for i, g in enumerate(leaves)
-            ]
+            out = [_precision.cast(kernel(g, **kw)[0], g.dtype) for g, kw in zip(leaves, kws)]
             return spec.unflatten(out), state
         out = []
         new: list[list[Any]] = [[] for _ in fields]
-        for i, (g, *leaf_state) in enumerate(zip(leaves, *columns)):
-            kw = {k: v[i] for k, v in keywords}
-            kw.update(shared)
+        for g, kw, *leaf_state in zip(leaves, kws, *columns):
             u, *s = _precision.run(kernel, g, tuple(leaf_state), kw, accumulator_dtype, exact)
             out.append(u)
             for column, x in zip(new, s):
@@ -173,7 +176,53 @@ def leafwise(
         step = None if step_at is None else state[step_at] + 1
         return spec.unflatten(out), assemble([spec.unflatten(c) for c in new], step)
 
+    if apply is not None:
+        if state_type is not None or schedule is not None or mode == "use":
+            raise ValueError(f"leafwise({call!r}): apply= is for stateless transforms only.")
+
+        def update_and_apply(updates, state, params, base=None):
+            """``apply_updates(base, update(updates, state, params)[0])`` and the state, with
+            the same checks, in one pass over the leaves; ``base`` (default ``params``): the
+            tensors to add the update to, of the params' structure (the first-order step adds
+            to the params what the detached params give)."""
+            leaves, spec = optree.tree_flatten(updates)
+            param_leaves = _leaves_like(update_call, updates, leaves, spec, "params", params, True)
+            if base is not None:
+                param_leaves = _leaves_like(update_call, updates, leaves, spec, "base", base, True)
+            kws = _keywords(update_call, hyper_items, leaves, spec)
+            out = [
+                _apply_leaf(kernel, apply, p, g, kw) for p, g, kw in zip(param_leaves, leaves, kws)
+            ]
+            return spec.unflatten(out), state
+
+        update.update_and_apply = update_and_apply  # type: ignore[attr-defined]
     return GradientTransformation(init, update)
+
+
+def _apply_leaf(kernel: Kernel, apply: Apply, p: Any, g: Any, kw: dict[str, Any]) -> Any:
+    """One leaf of :func:`metafunc.apply_updates` after a stateless kernel: ``apply``'s fused op
+    where it applies, else the kernel (in the update's dtype) and ``p + update`` in ``p``'s
+    dtype; non-floating-point params are returned unchanged, as ``apply_updates`` does."""
+    if not p.is_floating_point():
+        return p
+    fused = apply(p, g, **kw)
+    if fused is not None:
+        return fused
+    out = p + _precision.cast(kernel(g, **kw)[0], g.dtype)
+    return out if out.dtype == p.dtype else out.to(p.dtype)
+
+
+def _keywords(
+    call: str, hyper_items: list[tuple[str, tuple[str, Hyper]]], leaves: list[Any], spec: Any
+) -> list[dict[str, Any]]:
+    """Each leaf's keywords for the kernel: ``{keyword: the hyperparameter's value for the leaf}``
+    (see :func:`._hyper.values`), one new dict per leaf."""
+    values = [_hyper.values(call, name, value, leaves, spec) for _, (name, value) in hyper_items]
+    keys = [k for k, _ in hyper_items]
+    if len(keys) == 1:
+        key = keys[0]
+        return [{key: v} for v in values[0]]
+    return [dict(zip(keys, vals)) for vals in zip(*values)] if keys else [{} for _ in leaves]
 
 
 def _leaves_like(
@@ -189,12 +238,6 @@ def _leaves_like(
     structure ``spec`` (and, with ``shapes``, their leaves' shapes), else the key-path error of
     :func:`metafunc._tree.check_same`."""
     tleaves, tspec = optree.tree_flatten(tree)
-    if tspec != spec or (
-        shapes
-        and any(
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape
-            for a, b in zip(leaves, tleaves)
-        )
-    ):
+    if tspec != spec or (shapes and not _tree.same_shapes(leaves, tleaves)):
         _tree.check_same(call, "updates", updates, name, tree)
     return tleaves
