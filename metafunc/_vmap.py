@@ -64,6 +64,53 @@ def _explain(call: str, error: RuntimeError) -> str | None:
 
 
 @dataclasses.dataclass
+class _Trial:
+    """One trial call of ``"auto"``: the time of the call itself (the forward pass) and, once
+    its backward pass has run, the time from the gradient of its first output to that of its
+    last input (the backward pass through the call, nothing else)."""
+
+    strategy: str
+    forward: float
+    started: float | None = None
+    backward: float | None = None
+    handles: list[Any] = dataclasses.field(default_factory=list)
+
+    def watch(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """Hooks the outputs and inputs that the backward pass will go through, if any."""
+        if not torch.is_grad_enabled():
+            return
+        outs = _tensors_needing_grad(out)
+        ins = _tensors_needing_grad((args, kwargs))
+        if not outs or not ins:
+            return
+        try:
+            self.handles = [t.register_hook(self._start) for t in outs]
+            self.handles += [t.register_hook(self._end) for t in ins]
+        except (RuntimeError, TypeError):  # a tensor that takes no hooks: the forward alone counts
+            self.close()
+
+    def _start(self, grad: torch.Tensor) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def _end(self, grad: torch.Tensor) -> None:
+        if self.started is not None:  # each input's gradient: the last one ends the backward
+            self.backward = time.perf_counter() - self.started
+
+    def close(self) -> float:
+        """Removes the hooks; the trial's time: forward, plus backward if it has run."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return self.forward + (self.backward or 0.0)
+
+
+def _tensors_needing_grad(tree: Any) -> list[torch.Tensor]:
+    leaves = optree.tree_leaves(tree)  # type: ignore[arg-type]
+    return [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+@dataclasses.dataclass
 class _Decision:
     """What ``"auto"`` knows about one (function, arguments' signature) in this process."""
 
@@ -71,7 +118,7 @@ class _Decision:
         default_factory=lambda: {"loop": [], "vmap": []}
     )
     calls: int = 0
-    pending: tuple[str, float] | None = None  # the last trial call: (strategy, start time)
+    pending: _Trial | None = None  # the last trial call, timed until the next call
     strategy: str | None = None
     reason: str | None = None
     fallback: str | None = None
@@ -84,12 +131,24 @@ _DECISIONS: collections.OrderedDict[Any, _Decision] = collections.OrderedDict()
 
 def _code_of(func: Any) -> Any:
     """What identifies a per-task function across fresh objects: its code (a closure made anew each
-    step has the same code), through partials and bound methods; a callable object by its class."""
+    step has the same code), through partials; a bound method by its code and its object (two
+    learners with other settings must not share a decision; an equal learner made anew each
+    step does: frozen dataclasses compare by value), an unhashable object by identity; a
+    callable object by its class."""
     while isinstance(func, functools.partial):
         func = func.func
+    owner = getattr(func, "__self__", None)
     func = getattr(func, "__func__", func)
     code = getattr(func, "__code__", None)
-    return code if code is not None else type(func)
+    if code is None:
+        return type(func)
+    if owner is None:
+        return code
+    try:
+        hash(owner)
+    except TypeError:
+        return code, id(owner)
+    return code, owner
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -173,6 +232,8 @@ class _TaskMap:
             return out
 
     def _decide(self, decision: _Decision, strategy: str, reason: str) -> None:
+        if decision.pending is not None:
+            decision.pending.close()
         decision.strategy, decision.reason, decision.pending = strategy, reason, None
         _log.info("vmap_tasks(%s): auto chose %r: %s", self._name, strategy, reason)
 
@@ -214,34 +275,41 @@ class _TaskMap:
     def _trial(self, decision: _Decision, args, kwargs):
         """CPU: which is faster depends on the model (vmap wins for small dense layers and can
         lose for convolutions, whose batched kernels are slower on few cores). The calls
-        alternate loop, vmap, loop, ...; a call's time runs from its start to the start of the
-        next call with the same function and shapes, so the backward pass and the rest of the
-        step are in it. The first call of each strategy is a
-        warm-up; one timed call each decides when one strategy is twice as fast, else the best
-        of two each."""
-        now = time.perf_counter()
+        alternate loop, vmap, loop, ...; a call's time is its own (the forward pass) plus its
+        backward pass, timed by hooks from the gradient of its first output to that of its last
+        input, if the backward has run by the next call (so the rest of a training step, the
+        data loading, other work between calls, and other call sites of the same function do
+        not count). The first call of each strategy is a warm-up; one timed call each decides
+        when one strategy is twice as fast, else the best of two each."""
         if decision.pending is not None:
-            done, start = decision.pending
-            decision.timings[done].append(now - start)
+            decision.timings[decision.pending.strategy].append(decision.pending.close())
+            decision.pending = None
         t = decision.timings
         timed = {s: v[1:] for s, v in t.items()}  # the warm-ups dropped
         if all(timed.values()):
             fast, slow = sorted(("loop", "vmap"), key=lambda s: min(timed[s]))
-            ratio = min(timed[slow]) / min(timed[fast])
+            ratio = min(timed[slow]) / max(min(timed[fast]), 1e-9)
             if ratio >= _CLEAR_WIN or all(len(v) >= _AUTO_CALLS - 1 for v in timed.values()):
                 self._decide(
                     decision,
                     fast,
-                    f"{fast} {_ms(timed[fast])} per step, {slow} {_ms(timed[slow])} (timed from "
-                    "call to call, backward included)",
+                    f"{fast} {_ms(timed[fast])} per step, {slow} {_ms(timed[slow])} (the call "
+                    "and its backward pass)",
                 )
                 return self._run(fast, args, kwargs)
         candidate = ("loop", "vmap")[decision.calls % 2]
         decision.calls += 1
-        decision.pending = (candidate, now)
+        start = time.perf_counter()
         if candidate == "loop":
-            return self._run("loop", args, kwargs)
-        return self._try_vmap(decision, args, kwargs)
+            out = self._run("loop", args, kwargs)
+        else:
+            out = self._try_vmap(decision, args, kwargs)
+            if decision.strategy is not None:  # vmap failed: the loop is kept, no more trials
+                return out
+        trial = _Trial(candidate, time.perf_counter() - start)
+        trial.watch(args, kwargs, out)
+        decision.pending = trial
+        return out
 
 
 def vmap_tasks(
@@ -261,23 +329,23 @@ def vmap_tasks(
     ``chunk_size`` runs the vmap in chunks of that many tasks (less memory).
 
     Strategies: ``"vmap"`` (one batched computation), ``"loop"`` (a Python loop over tasks, outputs
-    stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs
-    are on an accelerator or ``torch.use_deterministic_algorithms(True)`` is on (no timing, so
-    the choice is reproducible); on the CPU the first calls alternate loop and vmap, each timed
-    from its start to the next call's (so the backward pass counts), and the faster is kept:
-    after 4 calls when one is twice as fast, else after 6. The decision is kept per process for
-    the function's code and the arguments' shapes, dtypes and devices, so a ``vmap_tasks(...)``
-    made anew inside every step (the inline idiom) pays the trials once, and a new meta-batch
-    size or model is timed anew. ``.strategy`` on the returned function says which strategy runs
-    (None while timing), ``.reason`` why (with the timings); the ``"metafunc"`` logger says it at
-    INFO level. Inside ``torch.compile``, ``vmap`` (the eager timing is unaffected). If the vmap
-    trial fails (an op without a batching rule, an
-    in-place write into a tensor shared by all tasks), "auto" runs and keeps the loop and says why
-    in ``.fallback``; an error the loop raises too is raised. Both give the same numbers: models
-    with BatchNorm/LayerNorm are computed exactly under vmap (see :func:`exact_norms`), and so
-    are recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``, cells) in the
-    :mod:`metafunc.algorithms` learners. ``torch.compile`` traces ``"loop"``
-    with ``randomness="different"`` only: the other settings read the RNG state (a graph break).
+    stacked; needed for ``inner_loop(checkpoint=...)``), or ``"auto"``: ``vmap`` when the inputs are
+    on an accelerator or ``torch.use_deterministic_algorithms(True)`` is on (no timing, so the
+    choice is reproducible); on the CPU the first calls alternate loop and vmap, each timed over the
+    call and its backward pass (by hooks on its outputs and inputs: what runs between calls does not
+    count), and the faster is kept: after 4 calls when one is twice as fast, else after 6. The
+    decision is kept per process for the function's code (and, for a bound method, its object: equal
+    learners share it) and the arguments' shapes, dtypes and devices, so a ``vmap_tasks(...)`` made
+    anew inside every step (the inline idiom) pays the trials once, and a new meta-batch size or
+    model is timed anew. ``.strategy`` on the returned function says which strategy runs (None while
+    timing), ``.reason`` why (with the timings); the ``"metafunc"`` logger says it at INFO level.
+    Inside ``torch.compile``, ``vmap`` (the eager timing is unaffected). If the vmap trial fails (an
+    op without a batching rule, an in-place write into a tensor shared by all tasks), "auto" runs
+    and keeps the loop and says why in ``.fallback``; an error the loop raises too is raised. Both
+    give the same numbers: models with BatchNorm/LayerNorm are computed exactly under vmap (see
+    :func:`exact_norms`), and so are recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``, cells)
+    in the :mod:`metafunc.algorithms` learners. ``torch.compile`` traces ``"loop"`` with
+    ``randomness="different"`` only: the other settings read the RNG state (a graph break).
 
     Example:
         >>> import torch, metafunc

@@ -1,9 +1,10 @@
 """How :func:`metafunc.vmap_tasks` chooses between vmap and a loop.
 
-``strategy="auto"`` times both strategies from call to call (a stand-in clock, no real timing),
-then keeps one; deterministic algorithms and inputs off the CPU take vmap at once; a fixed strategy
-says so; when the vmap trial fails the loop is kept and the reason given, and an in-place write
-into a shared tensor is named with its fix; checkpointed inner loops need the loop strategy.
+``strategy="auto"`` times both strategies over the call and its backward pass (a stand-in clock, no
+real timing), then keeps one; deterministic algorithms and inputs off the CPU take vmap at once; a
+fixed strategy says so; when the vmap trial fails the loop is kept and the reason given, and an
+in-place write into a shared tensor is named with its fix; checkpointed inner loops need the loop
+strategy.
 
 Oracle: a Python ``for`` loop over the tasks written here (outside any ``torch.func`` transform,
 outputs stacked with optree), in float64.
@@ -11,9 +12,12 @@ outputs stacked with optree), in float64.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _vmap_tasks_helpers import D, _assert_trees_close, _loop, _meta_grad, _mlp_setup
+from torch._C._functorch import is_batchedtensor
 from torch.func import vmap
 
 import metafunc
@@ -79,38 +83,121 @@ def _counting_task():
     return task, calls
 
 
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward pass moves the test's clock: ``per_task`` seconds for each task's
+    gradient when run per task (the loop), ``batched`` once for all tasks under vmap."""
+
+    generate_vmap_rule = True
+    clock: _Clock | None = None
+    per_task = batched = 0.0
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        clock = _SlowBackward.clock
+        clock.now += _SlowBackward.batched if is_batchedtensor(grad) else _SlowBackward.per_task
+        return grad
+
+
 @pytest.mark.parametrize(("loop_ms", "vmap_ms", "winner"), [(1, 5, "loop"), (5, 1, "vmap")])
-def test_auto_times_from_call_to_call_so_the_backward_counts(
+def test_auto_times_the_call_and_its_backward_not_what_runs_between_calls(
     loop_ms, vmap_ms, winner, fresh_decisions, monkeypatch
 ):
-    """The forward passes take no time on this clock; the time the caller spends after each call
-    (its backward pass) decides. A clear win (5x) decides after one timed call of each: call 5."""
+    """The forward passes take no time on this clock and the backward passes ``loop_ms`` and
+    ``vmap_ms``; between calls the caller spends 50 ms after each loop call and none after a
+    vmap call (data loading, another call site: timing from call to call chose vmap whatever
+    the backward cost). A clear win (5x) decides after one timed call of each: call 5."""
     clock = _Clock()
     monkeypatch.setattr(fresh_decisions, "time", clock)
-    w, x = torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D)
-    task, calls = _counting_task()
+    monkeypatch.setattr(_SlowBackward, "clock", clock)
+    monkeypatch.setattr(_SlowBackward, "per_task", loop_ms / 1000 / 3)
+    monkeypatch.setattr(_SlowBackward, "batched", vmap_ms / 1000)
+    w = torch.ones(2, dtype=D, requires_grad=True)
+    x = torch.ones(3, 4, 2, dtype=D)
+    calls = []
+
+    def task(w, x):
+        calls.append(1)
+        return _SlowBackward.apply(x @ w).sum()
+
     run = metafunc.vmap_tasks(task, in_dims=(None, 0))
     for call in range(1, 6):
         before = len(calls)
-        run(w, x)
-        ran = "loop" if len(calls) - before == 3 else "vmap"
-        clock.now += (loop_ms if ran == "loop" else vmap_ms) / 1000
+        run(w, x).sum().backward()
+        clock.now += 0.050 if len(calls) - before == 3 else 0.0  # the caller's other work
         assert (run.strategy is None) == (call < 5), call
     assert run.strategy == winner
     assert run.reason.startswith(f"{winner} {min(loop_ms, vmap_ms):.1f} ms per step")
+    assert "backward" in run.reason
+
+
+def test_auto_times_the_forward_alone_when_no_backward_runs(fresh_decisions, monkeypatch):
+    """Evaluation (no gradient) or a backward after the next call: the call's own time."""
+    clock = _Clock()
+    monkeypatch.setattr(fresh_decisions, "time", clock)
+    calls = []
+
+    def task(w, x):  # the forward pass moves the clock: 1 ms per task in the loop, 1 ms batched
+        calls.append(1)
+        clock.now += 0.001
+        return (x @ w).sum()
+
+    run = metafunc.vmap_tasks(task, in_dims=(None, 0))
+    for call in range(1, 6):
+        run(torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D))
+        clock.now += 1.0  # the caller's other work, which does not count
+        assert (run.strategy is None) == (call < 5), call
+    assert run.strategy == "vmap" and run.reason.startswith("vmap 1.0 ms per step, loop 3.0 ms")
 
 
 def test_auto_decides_after_six_calls_when_neither_is_twice_as_fast(fresh_decisions, monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(fresh_decisions, "time", clock)
-    task, calls = _counting_task()
+    calls = []
+
+    def task(w, x):  # 4 ms for the loop's 3 tasks, 3 ms batched
+        calls.append(1)
+        clock.now += 0.003 if is_batchedtensor(x) else 0.004 / 3
+        return (x @ w).sum()
+
     run = metafunc.vmap_tasks(task, in_dims=(None, 0))
     for call in range(1, 8):
-        before = len(calls)
         run(torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D))
-        clock.now += 0.004 if len(calls) - before == 3 else 0.003
         assert (run.strategy is None) == (call < 7), call
     assert run.strategy == "vmap"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Learner:
+    steps: int
+
+    def task(self, w, x):
+        return (x @ w).sum() * self.steps
+
+
+def test_bound_methods_share_a_decision_only_with_equal_objects(fresh_decisions, monkeypatch):
+    """A learner's task method: an equal learner made anew each step finds the decision; a
+    learner with other settings (first_order, steps) is timed on its own."""
+    clock = _Clock()
+    monkeypatch.setattr(fresh_decisions, "time", clock)
+    w, x = torch.ones(2, dtype=D), torch.ones(3, 4, 2, dtype=D)
+    for _ in range(7):
+        run = metafunc.vmap_tasks(_Learner(steps=1).task, in_dims=(None, 0))
+        run(w, x)
+        clock.now += 0.001
+    again = metafunc.vmap_tasks(_Learner(steps=1).task, in_dims=(None, 0))
+    again(w, x)
+    assert again.strategy in ("loop", "vmap")  # decided: no trial
+    other = metafunc.vmap_tasks(_Learner(steps=2).task, in_dims=(None, 0))
+    other(w, x)
+    assert other.strategy is None  # timed anew
 
 
 def test_the_inline_idiom_times_once_then_runs_the_decision_at_once(fresh_decisions, caplog):
