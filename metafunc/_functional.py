@@ -84,6 +84,7 @@ class FunctionalModel:
         self.trainable: dict[str, bool] = {
             k: p.requires_grad for k, p in named_params if k not in self.tied
         }
+        self._param_keys = self.params.keys()  # a view: a fast match for params dicts
         self._shapes = {k: t.shape for k, t in [*self.params.items(), *self.frozen.items()]}
         self._shapes.update({k: b.shape for k, b in self.buffers.items()})
         self._skeleton = _meta_skeleton(module)
@@ -108,6 +109,9 @@ class FunctionalModel:
         )
 
     def _check_params(self, call: str, params: Any) -> None:
+        if type(params) is dict and params.keys() == self._param_keys:  # the common case
+            self._check_values(call, "params", params)
+            return
         _checks.tensor_dict(
             call, "params", params, source="keyed by parameter name (as in fm.params)", kind=Mapping
         )
@@ -146,14 +150,15 @@ class FunctionalModel:
         """Input tensors on another device than the params, or of another floating dtype (a
         float64 numpy batch into a float32 model), fail deep in torch with a message that names
         neither; say so here. Autocast regions mix dtypes on purpose and are not checked."""
-        floating = [p for p in params.values() if p.is_floating_point()]
-        if not floating:
+        ref = next((p for p in params.values() if p.is_floating_point()), None)
+        if ref is None:
             return
-        ref = floating[0]
-        dtypes = {p.dtype for p in floating}
         for x in inputs:
             if not isinstance(x, torch.Tensor):
                 continue
+            if x.device == ref.device and (x.dtype == ref.dtype or not x.is_floating_point()):
+                continue  # the common case, decided without the params' other dtypes
+            dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
             if x.device != ref.device and x.dim() > 0:
                 raise ValueError(
                     f"{call}: an input is on {x.device} but the params are on {ref.device}; move "
@@ -199,7 +204,7 @@ class FunctionalModel:
         inputs = _purity.inputs(args, kwargs)
         self._check_inputs(call, params, inputs)
         new_buffers = {k: b.clone() for k, b in buffers.items()}
-        watched = self._watched(params, buffers, inputs)
+        watched = _purity.bases(self._watched(params, buffers, inputs))
         before = _purity.versions(watched) if watched else []
         with _norms.buffer_updates() as updates:
             out = self._call({**self.frozen, **params, **new_buffers}, args, kwargs)
@@ -239,7 +244,7 @@ class FunctionalModel:
             return self._apply(call, params, self.buffers, args, kwargs)[0]
         inputs = _purity.inputs(args, kwargs)
         self._check_inputs(call, params, inputs)
-        watched = self._watched(params, {}, inputs)
+        watched = _purity.bases(self._watched(params, {}, inputs))
         before = _purity.versions(watched) if watched else []
         out = self._call({**self.frozen, **params}, args, kwargs)
         if watched and _purity.versions(watched) != before:

@@ -18,7 +18,7 @@ from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, peek
 
 from . import _norms
 
-__all__ = ["find_writer", "input_names", "inputs", "versions"]
+__all__ = ["bases", "find_writer", "input_names", "inputs", "versions"]
 
 
 def inputs(args: tuple, kwargs: dict) -> list[Any]:
@@ -45,11 +45,22 @@ def input_names(args: tuple, kwargs: dict) -> list[str]:
 def versions(tensors: list[torch.Tensor]) -> list[int]:
     """The version counters of ``tensors`` (of the tensors they wrap, under transforms)."""
     try:
-        if peek_interpreter_stack() is None:
-            return [t._version for t in tensors]
-        return [_unwrapped(t)._version for t in tensors]
+        return [t._version for t in bases(tensors)]
     except RuntimeError:  # inference tensors have no version counter: they are not checked
         return [-1 if t.is_inference() else _unwrapped(t)._version for t in tensors]
+
+
+def bases(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors that ``tensors`` wrap under transforms (themselves outside any): unwrapped
+    once before a call, their version counters are read before and after it."""
+    if peek_interpreter_stack() is None:
+        return tensors
+    found = []
+    for t in tensors:
+        while is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+        found.append(t)
+    return found
 
 
 def _unwrapped(t: torch.Tensor) -> torch.Tensor:
