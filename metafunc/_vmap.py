@@ -106,7 +106,7 @@ class _Trial:
 
 
 def _tensors_needing_grad(tree: Any) -> list[torch.Tensor]:
-    leaves = optree.tree_leaves(tree)  # type: ignore[arg-type]
+    leaves = optree.tree_leaves(tree)
     return [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
 
 
