@@ -207,6 +207,9 @@ def inner_loop(
     At step ``t`` (from 1), with ``b_t`` the t-th batch:
     ``g_t = grad(loss_fn)(params_{t-1}, b_t)``,
     ``u_t, s_t = opt.update(g_t, s_{t-1}, params_{t-1})``, ``params_t = params_{t-1} + u_t``.
+    The named optimizers (all ending in ``scale_by_learning_rate``) compute the last two as one
+    op per leaf, ``torch.add(p, u, alpha=-lr)`` as ``torch.optim.SGD`` steps: half the ops of the
+    update and of its backward, the same values up to the last bit.
 
     **Where the meta-gradient goes.** It goes to whatever tensors you pass as ``params``: pass
     ``fm.params`` (the module's own parameters) and ``meta_loss.backward()`` fills the module's
