@@ -41,6 +41,28 @@ def _meta_skeleton(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _slots(skeleton: nn.Module, names: list[str]) -> list[tuple[str, dict, str]] | None:
+    """``(name, the owning module's _parameters or _buffers, key)`` for each dotted name, or
+    ``None`` if one is not a registered parameter or buffer of ``skeleton`` (or it is scripted):
+    then :meth:`FunctionalModel._forward` leaves the placing to ``functional_call``."""
+    if isinstance(skeleton, torch.jit.ScriptModule):
+        return None
+    found: list[tuple[str, dict, str]] = []
+    for name in names:
+        prefix, _, key = name.rpartition(".")
+        try:
+            module = skeleton.get_submodule(prefix)
+        except AttributeError:
+            return None
+        if key in module._parameters:
+            found.append((name, module._parameters, key))
+        elif key in module._buffers:
+            found.append((name, module._buffers, key))
+        else:
+            return None
+    return found
+
+
 def _aliases(named) -> dict[str, str]:
     """Maps every secondary name of a shared tensor to its first (canonical) name."""
     first: dict[int, str] = {}
@@ -99,6 +121,7 @@ class FunctionalModel:
             for alias, name in self.tied.items()
             if _owner(self._skeleton, alias) != _owner(self._skeleton, name)
         ]
+        self._slots = (self._skeleton, _slots(self._skeleton, self._slot_names()))
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.params.values())
@@ -219,8 +242,41 @@ class FunctionalModel:
             tensors[alias] = tensors[name]
         if self._has_norms and _norms.under_vmap():
             with _norms.exact_norms():
-                return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
-        return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
+                return self._forward(tensors, args, kwargs)
+        return self._forward(tensors, args, kwargs)
+
+    def _slot_names(self) -> list[str]:
+        return [*self._shapes, *(alias for alias, _ in self._alias_pairs)]
+
+    def _forward(self, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """The skeleton's forward pass with ``tensors`` in place of its meta params and buffers.
+
+        What ``functional_call(skeleton, tensors, args, kwargs, tie_weights=False)`` does (the
+        same assignments into the owning modules' ``_parameters``/``_buffers``, undone after the
+        call), with the owners found once per skeleton instead of on every call: torch's generic
+        path (a member accessor, name splitting, per-tensor checks, a context manager) cost
+        ~60-120 us a call on a 3-layer MLP, more than the layers, and an inner step calls the
+        model at least once. Under ``torch.compile`` (which traces ``functional_call``) and for
+        a skeleton whose tensors could not all be placed, ``functional_call`` itself. Like it, not
+        for two threads at once on one FunctionalModel (both swap tensors into the skeleton).
+        """
+        owner, slots = self._slots
+        if owner is not self._skeleton:  # a copy with its own skeleton (train(), eval(), probes)
+            self._slots = (self._skeleton, _slots(self._skeleton, self._slot_names()))
+            owner, slots = self._slots
+        if slots is None or torch.compiler.is_compiling():
+            return functional_call(self._skeleton, tensors, args, kwargs, tie_weights=False)
+        saved = []
+        try:
+            for name, container, key in slots:
+                tensor = tensors.get(name)
+                if tensor is not None:
+                    saved.append((container, key, container[key]))
+                    container[key] = tensor
+            return self._skeleton(*args, **kwargs)
+        finally:
+            for container, key, original in reversed(saved):
+                container[key] = original
 
     def __call__(self, params: Params, /, *args: Any, **kwargs: Any) -> Any:
         """Runs the model with ``params`` and the stored buffers; returns the output only.
