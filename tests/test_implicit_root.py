@@ -237,3 +237,22 @@ def test_fixed_point_of_a_linear_contraction_on_a_pytree():
     u = torch.linalg.solve((eye - B.detach()).T, gvec)
     torch.testing.assert_close(gc, u, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gB, torch.outer(u, x_true), rtol=1e-10, atol=1e-12)
+
+
+def test_whether_the_linear_solver_takes_rmatvec_is_read_through_partials():
+    """The backward pass hands ``rmatvec`` to solvers that take it (read without
+    ``inspect.signature`` of the partial on every iMAML call, cached by function)."""
+    from metafunc.implicit._root import _takes_rmatvec
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, matvec, b, rmatvec=None):
+            return b
+
+    assert _takes_rmatvec(solve_normal_cg)
+    assert _takes_rmatvec(functools.partial(solve_normal_cg, maxiter=5))
+    assert not _takes_rmatvec(functools.partial(solve_normal_cg, rmatvec=lambda v: v))
+    assert not _takes_rmatvec(functools.partial(solve_cg, tol=0))
+    assert _takes_rmatvec(lambda matvec, b, rmatvec=None: b)
+    assert _takes_rmatvec(Unhashable())

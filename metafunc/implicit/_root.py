@@ -47,6 +47,23 @@ def _is_diff(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+def _takes_rmatvec(solve: Callable[..., Any]) -> bool:
+    """Whether ``solve`` takes ``rmatvec=``; a ``functools.partial`` is read through its function
+    (cached: ``inspect.signature`` of a partial costs ~30 us, and iMAML builds its root anew on
+    every call)."""
+    if isinstance(solve, functools.partial):
+        return "rmatvec" not in solve.keywords and _takes_rmatvec(solve.func)
+    try:
+        return _function_takes_rmatvec(solve)
+    except TypeError:  # unhashable callable
+        return "rmatvec" in _parameters(solve)
+
+
+@functools.lru_cache(maxsize=256)
+def _function_takes_rmatvec(solve: Callable[..., Any]) -> bool:
+    return "rmatvec" in _parameters(solve)
+
+
 def _parameters(fn: Callable[..., Any]) -> Any:
     try:
         return inspect.signature(fn).parameters
@@ -57,7 +74,8 @@ def _parameters(fn: Callable[..., Any]) -> Any:
 class _Root:
     """A solver made differentiable. ``start_norm(aux)``, when given, is ``||F(init)||`` as the
     solver computed it (else it is evaluated here); ``residual`` and ``advice`` word the message
-    on an unconverged solution; ``check=False`` skips the shape check of ``F`` (trusted).
+    on an unconverged solution; ``check=False`` skips the checks of ``F`` (trusted: its
+    signature and the shape of its output).
     ``args_vjp(sol, u, *args, **kwargs)``, when given, returns a pytree of ``(args, kwargs)``'s
     structure whose leaves are ``None`` (differentiate ``F`` in that leaf) or a function of no
     arguments giving ``-(dF/d leaf)^T u`` in closed form (called only when the leaf needs a
@@ -91,12 +109,13 @@ class _Root:
         self.tol, self.atol, self.start_norm = tol, atol, start_norm
         self.residual, self.advice = residual, advice
         self.args_vjp, self.linearize = args_vjp, linearize
-        self.solve_takes_rmatvec = "rmatvec" in _parameters(solve)
-        self.signature: inspect.Signature | None
-        try:
-            self.signature = inspect.signature(optimality_fn)
-        except (TypeError, ValueError):  # a builtin without a signature: not checked
-            self.signature = None
+        self.solve_takes_rmatvec = _takes_rmatvec(solve)
+        self.signature: inspect.Signature | None = None
+        if check:  # a trusted optimality function (check=False) is not bound either
+            try:
+                self.signature = inspect.signature(optimality_fn)
+            except (TypeError, ValueError):  # a builtin without a signature: not checked
+                pass
 
     def check_optimality(self, optimality: torch.Tensor, limit: torch.Tensor | None) -> None:
         """Applies the policy to ``||F(sol)|| <= limit`` (per task under vmap)."""
