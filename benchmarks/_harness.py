@@ -4,12 +4,14 @@ A benchmark is a list of rows (`Row`), one per implementation, each with a calla
 iteration. The scripts warm the rows up (each its own way) and drop the rows that cannot be the
 fastest (`drop_slow`); `round_robin` then samples the others interleaved, the order rotated each
 round, so that a burst of load on a shared machine spreads over all rows; `print_table` gives the
-median, the interquartile range and the minimum of the samples and the ratio of medians to the
-fastest correct hand-written row. `peak_memory_growth` measures the peak memory of one iteration
-in a fresh process started by `run_child`. The header and footer of a run (`print_header`,
-`print_footer`), the meta-gradient check (`check_agreement`), metafunc's meta-backward
-(`vmap_tasks_meta_backward`) and the common command-line flags (`argument_parser`,
-`add_threads_argument`, `min_sample_seconds`) are here too.
+median, the interquartile range and the minimum of the samples, the ratio of medians to the fastest
+correct hand-written row, and the paired ratio (`paired_ratios`: each round's sample over the
+reference's from the same round, the median over rounds; a load that changes during a run moves both
+samples of a round, so it is steadier than the ratio of medians on a shared machine).
+`peak_memory_growth` measures the peak memory of one iteration in a fresh process started by
+`run_child`. The header and footer of a run (`print_header`, `print_footer`), the meta-gradient
+check (`check_agreement`), metafunc's meta-backward (`vmap_tasks_meta_backward`) and the common
+command-line flags (`argument_parser`, `add_threads_argument`, `min_sample_seconds`) are here too.
 
 Imported as ``import _harness``: a script run as ``python benchmarks/<script>.py`` has this folder
 first on ``sys.path``, and the scripts insert it there themselves for importers (compile.py
@@ -234,6 +236,25 @@ def spread(samples: list[float]) -> str:
     return f"{lo:.1f}-{hi:.1f} (n={len(ms)})"
 
 
+def _reference(rows: list[Row], bad: set[str]) -> Row:
+    """The fastest (by median) row whose name starts with "hand-written" and is not in `bad`."""
+    correct = [r for r in rows if r.name.startswith("hand-written") and r.name not in bad]
+    return min(correct, key=lambda r: statistics.median(r.samples))
+
+
+def paired_ratios(rows: list[Row], bad: set[str]) -> dict[str, float]:
+    """{row name: the median over rounds of (its sample / the reference's sample of the same
+    round)} for the rows sampled in every round with the reference (at least 3 rounds):
+    `round_robin` times a round's rows back to back, so a load that changes during the run
+    moves both."""
+    ref = _reference(rows, bad)
+    return {
+        r.name: statistics.median(a / b for a, b in zip(r.samples, ref.samples))
+        for r in rows
+        if len(r.samples) == len(ref.samples) >= 3
+    }
+
+
 def print_table(
     rows: list[Row],
     bad: set[str],
@@ -242,18 +263,21 @@ def print_table(
     extra: Callable[[str], str] | None = None,
 ) -> dict[str, float]:
     """Prints a line per row: median, spread and minimum in ms, the ratio to the reference, the
-    median of the fastest row whose name starts with "hand-written" and is not in `bad`, and the
-    notes (a row in `bad` is marked wrong). `widths`: of the spread and minimum columns;
-    `extra(name)` gives further cells, after the ratio, under `extra_head`. Returns {row name:
-    median / reference}."""
+    median of the fastest row whose name starts with "hand-written" and is not in `bad`, the
+    paired ratio (`paired_ratios`; "-" for a row not sampled every round), and the notes (a row
+    in `bad` is marked wrong). `widths`: of the spread and minimum columns; `extra(name)` gives
+    further cells, after the ratios, under `extra_head`. Returns {row name: median /
+    reference}."""
     med = {r.name: statistics.median(r.samples) for r in rows}
-    ref = min(v for k, v in med.items() if k.startswith("hand-written") and k not in bad)
+    ref = statistics.median(_reference(rows, bad).samples)
+    paired = paired_ratios(rows, bad)
     w_spread, w_min = widths
     head = f"  {'implementation':<30}{'median ms':>10}  {'IQR (or range) ms':<{w_spread}}"
-    print(head + f"{'min ms':>{w_min}}  x hand{extra_head}  note")
+    print(head + f"{'min ms':>{w_min}}  x hand  paired{extra_head}  note")
     for row in rows:
         line = f"  {row.name:<30}{1000 * med[row.name]:>10.1f}  {spread(row.samples):<{w_spread}}"
         line += f"{1000 * min(row.samples):>{w_min}.1f}  {med[row.name] / ref:>5.2f}x"
+        line += f"  {paired[row.name]:>5.2f}x" if row.name in paired else f"  {'-':>6}"
         line += extra(row.name) if extra else ""
         notes = row.notes + (["WRONG meta-gradient (see check)"] if row.name in bad else [])
         print(line + (f"  {'; '.join(notes)}" if notes else ""))

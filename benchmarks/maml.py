@@ -346,13 +346,15 @@ def bench(key: str, prob: Problem, device, repeats: int, min_sample_s: float, ta
     if key == "c":
         memory = {row.name: peak_memory(prob.steps, row.name, device) for row in rows}
     ratios = print_table(rows, bad, memory)
+    paired = _harness.paired_ratios(rows, bad)
     tag = prob.name.split(",")[0] + (f", {prob.steps} step(s)" if key == "b" else "")
     ours = ratios["metafunc"]
     targets.append((f"metafunc <= 1.10x fastest correct hand-written: {tag}", ours, ours <= 1.1))
     for name in ("metafunc inline", "MAML.meta_grad", "MAML.meta_grad fresh"):
-        if name in ratios:
-            r = ratios[name]
-            targets.append((f"{name} <= 1.05x fastest correct hand-written: {tag}", r, r <= 1.05))
+        if name in ratios:  # the 5 % targets by the paired ratio, steadier on a shared machine
+            r = paired.get(name, ratios[name])
+            target = f"{name} <= 1.05x fastest correct hand-written (paired): {tag}"
+            targets.append((target, r, r <= 1.05))
     if key == "a" and "higher (loop)" in ratios:
         speedup = ratios["higher (loop)"] / ours
         targets.append(("metafunc >= 5x faster than higher: (a)", speedup, speedup >= 5))
