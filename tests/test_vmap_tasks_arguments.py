@@ -182,3 +182,38 @@ def test_stack_and_unstack_tasks_round_trip():
         _assert_trees_close(got, want, rtol=0)
     assert metafunc.unstack_tasks({}) == []
     assert metafunc.stack_tasks((torch.zeros(1),)).shape == (1, 1)  # a tuple of tasks is fine
+
+
+_NT = __import__("collections").namedtuple("_NT", "loss parts")
+
+
+@pytest.mark.parametrize(
+    ("out_dims", "chunk_size"), [(0, None), (1, None), (0, 2), ((0, {"w": 1, "s": 0}), None)]
+)
+def test_nested_outputs_come_back_as_torch_func_vmap_gives_them(out_dims, chunk_size):
+    """vmap_tasks hands its outputs out of vmap as one flat tuple and rebuilds them (with an
+    int out_dims): the same containers, types, shapes and values as torch.func.vmap's own."""
+    x = torch.randn(N_TASKS, 3, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+
+    def task(x):
+        return x.sum(), {"w": x * 2, "s": [x.mean(), _NT(x.max(), (x.min(),))]}
+
+    def task_nt(x):
+        return _NT(x.sum(), {"w": x * 2, "s": x.mean()})
+
+    def task_1d(x):  # outputs of at least one dimension per task, for out_dims=1
+        return {"w": x * 2, "s": [x.mean(0), _NT(x.amax(0), (x,))]}
+
+    if out_dims == 1:
+        fns = (task_1d,)
+    elif isinstance(out_dims, int):
+        fns = (task, task_nt)
+    else:
+        fns = (lambda x: (x.sum(), {"w": x * 2, "s": x.mean()}),)
+    for f in fns:
+        ours = metafunc.vmap_tasks(f, out_dims=out_dims, chunk_size=chunk_size, strategy="vmap")(x)
+        theirs = vmap(f, out_dims=out_dims, chunk_size=chunk_size)(x)
+        assert optree.tree_structure(ours) == optree.tree_structure(theirs)
+        for a, b in zip(optree.tree_leaves(ours), optree.tree_leaves(theirs)):
+            assert type(a) is type(b)
+            assert torch.equal(a, b)
