@@ -55,12 +55,7 @@ def bases(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     once before a call, their version counters are read before and after it."""
     if peek_interpreter_stack() is None:
         return tensors
-    found = []
-    for t in tensors:
-        while is_functorch_wrapped_tensor(t):
-            t = get_unwrapped(t)
-        found.append(t)
-    return found
+    return [_unwrapped(t) for t in tensors]
 
 
 def _unwrapped(t: torch.Tensor) -> torch.Tensor:
