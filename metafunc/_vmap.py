@@ -200,11 +200,11 @@ class _TaskMap:
 
     def _vmap(self, args, kwargs):
         func = self._func
+        found: list[Any] = []  # the outputs' tree spec, when they leave vmap flattened
         if isinstance(self._out_dims, int):
             # the outputs leave vmap as one flat tuple of tensors and are rebuilt with optree:
             # torch.func's own pytree handling of nested outputs (a learner's loss and metrics
             # dict) cost ~1 % of a small meta-step
-            found: list[Any] = []
 
             @functools.wraps(self._func)
             def func(*args, **kwargs):
@@ -229,9 +229,7 @@ class _TaskMap:
             if message is None:
                 raise
             raise RuntimeError(message) from error
-        if isinstance(self._out_dims, int) and found:
-            return optree.tree_unflatten(found[-1], list(out))
-        return out
+        return optree.tree_unflatten(found[-1], list(out)) if found else out
 
     def _run(self, strategy, args, kwargs):
         if strategy == "vmap":

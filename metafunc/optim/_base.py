@@ -308,10 +308,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     leaves, update_leaves, spec = _tree.flatten_same(
         "apply_updates(params, updates)", "params", params, "updates", updates
     )
-    out = []
-    for p, u in zip(leaves, update_leaves):
-        if p.is_floating_point():
-            p_new = p + u
-            p = p_new if p_new.dtype == p.dtype else p_new.to(p.dtype)
-        out.append(p)
-    return cast(Params, spec.unflatten(out))
+    return cast(Params, spec.unflatten([add_leaf(p, u) for p, u in zip(leaves, update_leaves)]))
+
+
+def add_leaf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One leaf of :func:`apply_updates`: ``p + u`` in ``p``'s dtype; a non-floating-point ``p``
+    (``num_batches_tracked``) unchanged."""
+    if not p.is_floating_point():
+        return p
+    out = p + u
+    return out if out.dtype == p.dtype else out.to(p.dtype)

@@ -31,7 +31,7 @@ import torch
 from .. import _tree
 from .._typing import Hyper, PyTree
 from . import _hyper, _precision
-from ._base import EmptyState, GradientTransformation, check_state
+from ._base import EmptyState, GradientTransformation, add_leaf, check_state
 
 Kernel = Callable[..., tuple[Any, ...]]
 Apply = Callable[..., Any]
@@ -208,8 +208,7 @@ def _apply_leaf(kernel: Kernel, apply: Apply, p: Any, g: Any, kw: dict[str, Any]
     fused = apply(p, g, **kw)
     if fused is not None:
         return fused
-    out = p + _precision.cast(kernel(g, **kw)[0], g.dtype)
-    return out if out.dtype == p.dtype else out.to(p.dtype)
+    return add_leaf(p, _precision.cast(kernel(g, **kw)[0], g.dtype))
 
 
 def _keywords(
